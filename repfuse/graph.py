@@ -1,0 +1,401 @@
+"""Small views over torch.fx nodes, so passes read like their descriptions.
+
+A *layer view* normalizes the different spellings of one operation into one record: a conv may
+be an ``nn.Conv2d`` call, ``F.conv2d(x, self.w, ...)`` or ``aten.conv2d`` in an exported
+program; a batch norm may be ``nn.BatchNorm2d``, ``F.batch_norm`` or ``aten.batch_norm``. Views
+are read-only; rewrites build new modules from them (:meth:`LayerView.build`).
+
+:class:`UseIndex` answers "is this module or parameter used anywhere else?" in O(1), kept up to
+date by the rewriter, so the pipeline stays linear in the graph size.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+CONV_TRANSPOSE_MODULES = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
+               "dilation")
+_LINEAR_ARGS = ("input", "weight", "bias")
+
+# target -> (kind, spatial dims, argument names in order)
+_FUNCTIONAL_LAYERS: dict[Any, tuple[str, int, tuple[str, ...]]] = {
+    F.conv1d: ("conv", 1, _CONV_ARGS),
+    F.conv2d: ("conv", 2, _CONV_ARGS),
+    F.conv3d: ("conv", 3, _CONV_ARGS),
+    F.conv_transpose1d: ("conv_transpose", 1, _CONVT_ARGS),
+    F.conv_transpose2d: ("conv_transpose", 2, _CONVT_ARGS),
+    F.conv_transpose3d: ("conv_transpose", 3, _CONVT_ARGS),
+    F.linear: ("linear", 0, _LINEAR_ARGS),
+    aten.conv1d.default: ("conv", 1, _CONV_ARGS),
+    aten.conv2d.default: ("conv", 2, _CONV_ARGS),
+    aten.conv3d.default: ("conv", 3, _CONV_ARGS),
+    aten.conv_transpose1d.default: ("conv_transpose", 1, _CONVT_ARGS),
+    aten.conv_transpose2d.input: ("conv_transpose", 2, _CONVT_ARGS),
+    aten.conv_transpose3d.input: ("conv_transpose", 3, _CONVT_ARGS),
+    aten.linear.default: ("linear", 0, _LINEAR_ARGS),
+}
+_LAYER_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
+                   "output_padding": 0}
+
+_BN_FUNCTIONAL_ARGS = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training",
+                   "momentum", "eps"),
+    aten.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var",
+                              "training", "momentum", "eps", "cudnn_enabled"),
+}
+_BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+
+
+def fetch_attr(gm: nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` target names, e.g. ``'layer1.0.conv1.weight'``."""
+    return reduce(getattr, target.split("."), gm)
+
+
+def owner_path(target: str) -> str:
+    """``'layer1.0.conv1.weight'`` -> ``'layer1.0.conv1'`` (``''`` for a top-level attribute)."""
+    return target.rpartition(".")[0]
+
+
+def bind_args(node: Node, names: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Map a call node's positional and keyword arguments onto ``names``."""
+    bound = dict(defaults)
+    bound.update(zip(names, node.args, strict=False))  # trailing defaults may be omitted
+    bound.update(node.kwargs)
+    return bound
+
+
+def describe(node: Node, gm: GraphModule | None = None) -> str:
+    """A short human name for a node: ``'layer1.0.bn1' (BatchNorm2d)`` or ``'add_3' (add)``."""
+    if node.op == "call_module" and gm is not None:
+        kind = type(gm.get_submodule(node.target)).__name__
+        return f"'{node.target}' ({kind})"
+    if node.op in ("call_function", "call_method"):
+        target = node.target if isinstance(node.target, str) else node.target.__name__
+        return f"'{node.name}' ({target})"
+    return f"'{node.name}'"
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """The output shape recorded by shape propagation, or None when unknown."""
+    if not isinstance(node, Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def dtype_of(node: Any) -> torch.dtype | None:
+    if not isinstance(node, Node):
+        return None
+    return getattr(node.meta.get("tensor_meta"), "dtype", None)
+
+
+def constant_value(gm: GraphModule, arg: Any) -> Tensor | float | int | None:
+    """A constant operand: a Python number or a tensor read by ``get_attr``; None otherwise."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, (int, float)):
+        return arg
+    if isinstance(arg, Node) and arg.op == "get_attr":
+        value = fetch_attr(gm, arg.target)
+        return value if isinstance(value, Tensor) else None
+    return None
+
+
+def _ntuple(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),) * n
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """A conv, transposed conv or linear layer with constant weights, in whatever form."""
+
+    node: Node
+    kind: str  # "conv" | "conv_transpose" | "linear"
+    spatial_dims: int
+    input: Node
+    weight: Tensor
+    bias: Tensor | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    output_padding: tuple[int, ...]
+    padding_mode: str
+    module_path: str | None  # the nn.Module called, for the module form
+    attr_nodes: tuple[Node, ...]  # get_attr nodes of weight/bias, for the functional form
+
+    @property
+    def out_channels(self) -> int:
+        if self.kind == "conv_transpose":
+            return self.weight.shape[1] * self.groups
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        if self.kind == "conv_transpose":
+            return self.weight.shape[0]
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def channel_axis(self) -> int:
+        """Axis of the output (and input) that holds channels: 1 for convs, last for linear."""
+        return -1 if self.kind == "linear" else 1
+
+    def pads_with_zeros(self) -> bool:
+        """True when the layer reads zeros beyond its input's border."""
+        if self.kind != "conv" or self.padding_mode != "zeros":
+            return False
+        if isinstance(self.padding, str):
+            return self.padding == "same" and any(k > 1 for k in self.kernel_size)
+        return any(p != 0 for p in self.padding)
+
+    def origin_paths(self) -> tuple[str, ...]:
+        if self.module_path is not None:
+            return (self.module_path,)
+        return tuple(sorted({owner_path(n.target) or n.target for n in self.attr_nodes}))
+
+    def build(self, weight: Tensor, bias: Tensor | None) -> nn.Module:
+        """A fresh ``nn.Conv*d``/``nn.ConvTranspose*d``/``nn.Linear`` holding these weights."""
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        has_bias = bias is not None
+        if self.kind == "linear":
+            module = nn.Linear(self.in_channels, self.out_channels, bias=has_bias, **factory)
+        elif self.kind == "conv":
+            cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[self.spatial_dims]
+            module = cls(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, has_bias, self.padding_mode,
+                         **factory)
+        else:
+            cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d,
+                   3: nn.ConvTranspose3d}[self.spatial_dims]
+            module = cls(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.output_padding, self.groups, has_bias,
+                         self.dilation, **factory)
+        with torch.no_grad():
+            module.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            if has_bias:
+                module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return module
+
+
+def layer_view(gm: GraphModule, node: Node) -> LayerView | None:
+    """View ``node`` as a conv/transposed conv/linear layer with constant weights, or None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.Linear):
+            kind, dims = "linear", 0
+        elif type(module) in CONV_MODULES:
+            kind, dims = "conv", CONV_MODULES[type(module)]
+        elif type(module) in CONV_TRANSPOSE_MODULES:
+            kind, dims = "conv_transpose", CONV_TRANSPOSE_MODULES[type(module)]
+        else:
+            return None
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], Node):
+            return None  # e.g. ConvTranspose called with output_size
+        conv_like = kind != "linear"
+        return LayerView(
+            node=node, kind=kind, spatial_dims=dims, input=node.args[0],
+            weight=module.weight, bias=module.bias,
+            stride=tuple(module.stride) if conv_like else (),
+            padding=(module.padding if isinstance(module.padding, str)
+                     else tuple(module.padding)) if conv_like else (),
+            dilation=tuple(module.dilation) if conv_like else (),
+            groups=module.groups if conv_like else 1,
+            output_padding=tuple(getattr(module, "output_padding", ()) or ()),
+            padding_mode=getattr(module, "padding_mode", "zeros"),
+            module_path=node.target, attr_nodes=(),
+        )
+    if node.op != "call_function" or node.target not in _FUNCTIONAL_LAYERS:
+        return None
+    kind, dims, names = _FUNCTIONAL_LAYERS[node.target]
+    args = bind_args(node, names, _LAYER_DEFAULTS)
+    weight_node, bias_node, data = args["weight"], args["bias"], args["input"]
+    if not isinstance(data, Node) or not _is_attr(weight_node):
+        return None  # weights computed at run time (dynamic conv): not a constant layer
+    if bias_node is not None and not _is_attr(bias_node):
+        return None
+    padding = args["padding"] if isinstance(args["padding"], str) else _ntuple(args["padding"],
+                                                                                dims)
+    attr_nodes = tuple(n for n in (weight_node, bias_node) if n is not None)
+    return LayerView(
+        node=node, kind=kind, spatial_dims=dims, input=data,
+        weight=fetch_attr(gm, weight_node.target),
+        bias=None if bias_node is None else fetch_attr(gm, bias_node.target),
+        stride=_ntuple(args["stride"], dims) if dims else (),
+        padding=padding if dims else (),
+        dilation=_ntuple(args["dilation"], dims) if dims else (),
+        groups=int(args["groups"]),
+        output_padding=_ntuple(args["output_padding"], dims) if kind == "conv_transpose" else (),
+        padding_mode="zeros", module_path=None, attr_nodes=attr_nodes,
+    )
+
+
+def _is_attr(arg: Any) -> bool:
+    return isinstance(arg, Node) and arg.op == "get_attr"
+
+
+@dataclass(frozen=True)
+class BatchNormView:
+    """A batch norm call: module ``nn.BatchNorm*d`` or ``F.batch_norm``/``aten.batch_norm``."""
+
+    node: Node
+    input: Node
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    training: bool
+    module_path: str | None
+    attr_nodes: tuple[Node, ...]
+
+    def origin_paths(self) -> tuple[str, ...]:
+        if self.module_path is not None:
+            return (self.module_path,)
+        return tuple(sorted({owner_path(n.target) or n.target for n in self.attr_nodes}))
+
+
+def batchnorm_view(gm: GraphModule, node: Node) -> BatchNormView | None:
+    """View ``node`` as a batch norm, or None. Does not judge foldability (see the pass)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return None
+        if len(node.args) != 1 or not isinstance(node.args[0], Node):
+            return None
+        return BatchNormView(
+            node=node, input=node.args[0], running_mean=module.running_mean,
+            running_var=module.running_var, weight=module.weight, bias=module.bias,
+            eps=module.eps, training=module.training, module_path=node.target, attr_nodes=(),
+        )
+    if node.op != "call_function" or node.target not in _BN_FUNCTIONAL_ARGS:
+        return None
+    args = bind_args(node, _BN_FUNCTIONAL_ARGS[node.target], _BN_DEFAULTS)
+    if not isinstance(args["input"], Node):
+        return None
+    tensors: dict[str, Tensor | None] = {}
+    attr_nodes = []
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        arg = args[key]
+        if arg is None:
+            tensors[key] = None
+        elif _is_attr(arg):
+            tensors[key] = fetch_attr(gm, arg.target)
+            attr_nodes.append(arg)
+        else:
+            return None  # statistics computed at run time: not a constant batch norm
+    training = args["training"]
+    return BatchNormView(
+        node=node, input=args["input"], eps=float(args["eps"]),
+        training=training is not False, module_path=None, attr_nodes=tuple(attr_nodes),
+        **tensors,
+    )
+
+
+class UseIndex:
+    """How often each module is called and each attribute read, kept current by the rewriter.
+
+    Folding writes new weights; doing that for a module called at two sites, or a parameter
+    tied to another module, would silently change the other use. This index makes that check
+    O(1) per candidate.
+    """
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.module_sites: Counter[str] = Counter()
+        self.attr_reads: Counter[str] = Counter()
+        for node in gm.graph.nodes:
+            self.on_create(node)
+        self.tensor_names: Counter[int] = Counter()
+        named = list(gm.named_parameters(remove_duplicate=False))
+        named += list(gm.named_buffers(remove_duplicate=False))
+        for _, tensor in named:
+            self.tensor_names[id(tensor)] += 1
+
+    def on_create(self, node: Node) -> None:
+        if node.op == "call_module":
+            self.module_sites[node.target] += 1
+        elif node.op == "get_attr":
+            self.attr_reads[node.target] += 1
+
+    def on_erase(self, node: Node) -> None:
+        if node.op == "call_module":
+            self.module_sites[node.target] -= 1
+        elif node.op == "get_attr":
+            self.attr_reads[node.target] -= 1
+
+    def shared_reason(self, gm: GraphModule, layer: LayerView) -> str | None:
+        """Why new weights for ``layer`` would leak into another use, or None if they would not."""
+        name = describe(layer.node, gm)
+        if layer.module_path is not None:
+            sites = self.module_sites[layer.module_path]
+            if sites > 1:
+                return f"{name} is called at {sites} sites; folding would change the other calls"
+            module = gm.get_submodule(layer.module_path)
+            for pname, tensor in module.named_parameters(recurse=False):
+                full = f"{layer.module_path}.{pname}"
+                if self.attr_reads[full] > 0:
+                    return f"{name}: its parameter '{full}' is also read elsewhere in the graph"
+                if self.tensor_names[id(tensor)] > 1:
+                    return f"{name}: its parameter '{full}' is tied to another module"
+            return None
+        for attr in layer.attr_nodes:
+            if self.attr_reads[attr.target] > 1:
+                return f"{name}: its weight '{attr.target}' is read at more than one site"
+            if self.tensor_names[id(fetch_attr(gm, attr.target))] > 1:
+                return f"{name}: its weight '{attr.target}' is tied to another parameter"
+        return None
+
+
+def sole_user(node: Node) -> Node | None:
+    """The only node that reads ``node``'s output (read once), or None."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    reads = sum(1 for a in _flat_args(user) if a is node)
+    return user if reads == 1 else None
+
+
+def _flat_args(node: Node) -> Iterable[Any]:
+    flat: list[Any] = []
+    torch.fx.node.map_aggregate((node.args, node.kwargs), flat.append)
+    return flat
+
+
+_ARITH_FUNCTIONS = {
+    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+    operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+}
+_ARITH_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "true_divide": "div"}
+
+
+def arith_kind(node: Node) -> str | None:
+    """``'add' | 'sub' | 'mul' | 'div'`` for an out-of-place elementwise arithmetic call."""
+    if node.op == "call_function":
+        return _ARITH_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _ARITH_METHODS.get(node.target)
+    return None

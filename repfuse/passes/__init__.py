@@ -1,0 +1,80 @@
+"""The passes of repfuse, their registry and the default pipeline.
+
+Each pass is usable alone on a GraphModule (``repfuse.passes.fold_batchnorm(gm)``) and returns
+a :class:`PassResult` listing what it rewrote and what it declined, with reasons. Passes that
+need shapes read them from ``node.meta['tensor_meta']``: capture the model with
+:func:`repfuse.trace` first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from torch.fx import GraphModule
+
+from repfuse.errors import RepfuseError
+from repfuse.passes.base import (
+    Decline,
+    Pass,
+    PassResult,
+    Rewrite,
+    Rewriter,
+    history,
+    run_passes,
+)
+from repfuse.passes.cleanup import RemoveNoops
+from repfuse.passes.fold_affine import FoldBatchNorm, FoldScaleBias
+
+REGISTRY: dict[str, type[Pass]] = {
+    cls.name: cls for cls in (RemoveNoops, FoldBatchNorm, FoldScaleBias)
+}
+
+# The default pipeline, in the order passes are tried at each node.
+DEFAULT_PIPELINE: tuple[str, ...] = (
+    "remove_noops",
+    "fold_batchnorm",
+    "fold_scale_bias",
+)
+
+
+def resolve(names: Iterable[str] | str | None) -> list[Pass]:
+    """Pass objects for ``names`` (a list or a comma-separated string); None: the defaults."""
+    if names is None:
+        names = DEFAULT_PIPELINE
+    elif isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    passes = []
+    for name in names:
+        if name not in REGISTRY:
+            known = ", ".join(REGISTRY)
+            raise RepfuseError(f"unknown pass '{name}'; known passes: {known}")
+        passes.append(REGISTRY[name]())
+    if not passes:
+        raise RepfuseError("no passes given")
+    return passes
+
+
+def _single(cls: type[Pass]):
+    def run(gm: GraphModule) -> PassResult:
+        return run_passes(gm, [cls()])
+
+    run.__name__ = cls.name
+    run.__doc__ = f"Run only ``{cls.name}`` on ``gm`` in place: {cls.summary}."
+    return run
+
+
+remove_noops = _single(RemoveNoops)
+fold_batchnorm = _single(FoldBatchNorm)
+fold_scale_bias = _single(FoldScaleBias)
+
+
+def run_pipeline(gm: GraphModule, names: Sequence[str] | str | None = None) -> PassResult:
+    """Run the named passes (default: :data:`DEFAULT_PIPELINE`) on ``gm`` to a fixed point."""
+    return run_passes(gm, resolve(names))
+
+
+__all__ = [
+    "DEFAULT_PIPELINE", "REGISTRY", "Decline", "FoldBatchNorm", "FoldScaleBias", "Pass",
+    "PassResult", "RemoveNoops", "Rewrite", "Rewriter", "fold_batchnorm", "fold_scale_bias",
+    "history", "remove_noops", "resolve", "run_passes", "run_pipeline",
+]

@@ -1,0 +1,333 @@
+"""The pass framework: candidates, exactness checks with reasons, one rewriter, a worklist.
+
+A pass is a small frozen dataclass whose ``name`` is its command-line name and whose fields are
+its options. It looks at one node at a time (:meth:`Pass.visit`) and answers with
+
+- ``None``: this node is not a candidate for the pass at all;
+- a :class:`Decline`: it is a candidate, but rewriting it would not be exact (or not safe), and
+  the reason says why in a sentence naming the node;
+- a :class:`Rewrite`: it rewrote the graph, through :class:`Rewriter`, the only code that
+  mutates a graph. The rewriter records provenance (pass, replaced nodes, original module paths)
+  on the new node's ``meta['repfuse']`` and in ``gm.meta['repfuse']``, which survives
+  ``torch.save``.
+
+:func:`run_passes` drives a list of passes to a fixed point with a worklist: every node is
+visited once, and after a rewrite only the new node's neighbourhood is visited again, so the
+work is linear in the graph size.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from repfuse.errors import GraphInvariantError
+from repfuse.graph import UseIndex, owner_path
+
+META_KEY = "repfuse"
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One applied rewrite: which pass, which node now stands for which original ones."""
+
+    pass_name: str
+    node: str  # the node that now computes the replaced nodes' result
+    replaced: tuple[str, ...]  # names of the nodes removed
+    module_paths: tuple[str, ...]  # original module paths covered, through earlier rewrites too
+    module: str | None = None  # path of the new module, if one was created
+    exact: bool = True
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "pass": self.pass_name, "node": self.node, "replaced": list(self.replaced),
+            "module_paths": list(self.module_paths), "module": self.module,
+            "exact": self.exact, "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A candidate left alone, and why."""
+
+    pass_name: str
+    node: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"pass": self.pass_name, "node": self.node, "reason": self.reason}
+
+
+@dataclass
+class PassResult:
+    """What a run of passes did to a graph: the rewrites applied and the candidates declined."""
+
+    passes: tuple[str, ...]
+    rewrites: list[Rewrite] = field(default_factory=list)
+    declined: list[Decline] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.rewrites)
+
+    def counts(self) -> dict[str, int]:
+        """Rewrites applied per pass, in pipeline order (passes with none are listed as 0)."""
+        applied = Counter(r.pass_name for r in self.rewrites)
+        return {name: applied.get(name, 0) for name in self.passes}
+
+    def extend(self, other: PassResult) -> None:
+        self.passes = tuple(dict.fromkeys(self.passes + other.passes))
+        self.rewrites.extend(other.rewrites)
+        self.declined = [d for d in self.declined if d.node not in _removed(other)]
+        self.declined.extend(other.declined)
+
+    def to_dict(self) -> dict:
+        return {
+            "passes": list(self.passes), "counts": self.counts(),
+            "rewrites": [r.to_dict() for r in self.rewrites],
+            "declined": [d.to_dict() for d in self.declined],
+        }
+
+
+def _removed(result: PassResult) -> set[str]:
+    return {name for r in result.rewrites for name in r.replaced}
+
+
+class Pass:
+    """Base of all passes. Subclasses are frozen dataclasses; fields are options."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line, shown by ``repfuse passes``
+
+    def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
+        raise NotImplementedError
+
+    def decline(self, node: Node, reason: str) -> Decline:
+        return Decline(self.name, node.name, reason)
+
+
+def origin_paths_of(node: Node) -> tuple[str, ...]:
+    """The original module paths a node stands for (through earlier rewrites)."""
+    record = node.meta.get(META_KEY)
+    if record is not None:
+        return record.module_paths
+    if node.op == "call_module":
+        return (node.target,)
+    if node.op == "get_attr":
+        return (owner_path(node.target) or node.target,)
+    # A functional op stands for the modules whose weights it reads.
+    attrs = (n for n in node.all_input_nodes if n.op == "get_attr")
+    return tuple(dict.fromkeys(owner_path(n.target) or n.target for n in attrs))
+
+
+class Rewriter:
+    """The one object that changes the graph; it keeps the :class:`UseIndex` and records."""
+
+    def __init__(self, gm: GraphModule, index: UseIndex | None = None) -> None:
+        self.gm = gm
+        self.index = index if index is not None else UseIndex(gm)
+        self.erased: set[Node] = set()
+        self.rewrites: list[Rewrite] = []
+        self.touched: list[Node] = []  # nodes whose neighbourhood a rewrite changed
+
+    def replace_with_module(
+        self,
+        pass_name: str,
+        *,
+        root: Node,
+        replaced: Sequence[Node],
+        module: nn.Module,
+        args: tuple,
+        module_path: str,
+        detail: str = "",
+        exact: bool = True,
+    ) -> Rewrite:
+        """Compute ``root``'s value with a new ``module(*args)`` and delete ``replaced``.
+
+        ``root`` must be in ``replaced``; every other replaced node must be read only by
+        replaced nodes. ``module_path`` is reused when it names a module whose only calls are
+        among ``replaced`` (so the fused conv keeps the train-form conv's name and state-dict
+        keys); otherwise a fresh path is derived from it.
+        """
+        target = self._place_module(module_path, module, replaced)
+        with self.gm.graph.inserting_before(root):
+            new = self.gm.graph.call_module(target, args)
+        self.index.on_create(new)
+        if "tensor_meta" in root.meta:
+            new.meta["tensor_meta"] = root.meta["tensor_meta"]
+        paths = _merge_paths(origin_paths_of(n) for n in replaced)
+        record = Rewrite(pass_name, new.name, tuple(n.name for n in replaced), paths,
+                         module=target, exact=exact, detail=detail)
+        new.meta[META_KEY] = record
+        root.replace_all_uses_with(new)
+        self._erase(replaced)
+        self.rewrites.append(record)
+        self.touched.append(new)
+        return record
+
+    def bypass(self, pass_name: str, node: Node, source: Node, detail: str = "") -> Rewrite:
+        """Remove ``node``, whose value equals ``source``'s, rerouting its users to ``source``."""
+        node.replace_all_uses_with(source)
+        record = Rewrite(pass_name, source.name, (node.name,), origin_paths_of(node),
+                         detail=detail)
+        self._erase([node])
+        self.rewrites.append(record)
+        self.touched.append(source)
+        return record
+
+    def is_erased(self, node: Node) -> bool:
+        return node in self.erased
+
+    def _place_module(self, path: str, module: nn.Module, replaced: Sequence[Node]) -> str:
+        replaced_calls = Counter(n.target for n in replaced if n.op == "call_module")
+        reusable = path in replaced_calls and self.index.module_sites[path] == replaced_calls[path]
+        if not reusable:
+            path = self._fresh_path(path)
+        self.gm.add_submodule(path, module)  # replaces the old module when reusing its path
+        return path
+
+    def _fresh_path(self, base: str) -> str:
+        base = base or "fused"
+        candidate, n = f"{base}_fused", 0
+        while _path_exists(self.gm, candidate):
+            n += 1
+            candidate = f"{base}_fused{n}"
+        return candidate
+
+    def _erase(self, nodes: Iterable[Node]) -> None:
+        doomed = list(nodes)
+        doomed_set = set(doomed)
+        inputs: list[Node] = []
+        for node in doomed:
+            outside = [u for u in node.users if u not in doomed_set]
+            if outside:
+                raise GraphInvariantError(
+                    f"cannot erase {node.format_node()}: still used by {outside[0].format_node()}"
+                )
+            inputs.extend(n for n in node.all_input_nodes if n not in doomed_set)
+        for node in _reverse_topological(doomed):
+            self.gm.graph.erase_node(node)
+            self.index.on_erase(node)
+            self.erased.add(node)
+        # Weights read only by the erased nodes go with them.
+        for node in dict.fromkeys(inputs):
+            if node.op == "get_attr" and not node.users and node not in self.erased:
+                self.gm.graph.erase_node(node)
+                self.index.on_erase(node)
+                self.erased.add(node)
+
+
+def _path_exists(gm: GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _reverse_topological(nodes: list[Node]) -> list[Node]:
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)} if nodes else {}
+    return sorted(nodes, key=lambda n: order[n], reverse=True)
+
+
+def _merge_paths(groups: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(p for group in groups for p in group))
+
+
+def _neighbourhood(node: Node) -> list[Node]:
+    """Nodes whose candidacy may change after ``node`` appears: itself, inputs, users, siblings."""
+    near = [node, *node.all_input_nodes, *node.users]
+    for producer in node.all_input_nodes:
+        near.extend(producer.users)
+    return near
+
+
+def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
+    """Apply ``passes`` to ``gm`` in place until none applies; return what happened.
+
+    Every node is visited once in graph order; a rewrite puts the new node's neighbourhood back
+    on the worklist. At each node the passes are tried in the given order and the first rewrite
+    wins. Declines are kept for the nodes that remain in the final graph.
+    """
+    rewriter = Rewriter(gm)
+    worklist = deque(gm.graph.nodes)
+    queued = set(worklist)
+    declines: dict[tuple[str, Node], Decline] = {}
+    while worklist:
+        node = worklist.popleft()
+        queued.discard(node)
+        if rewriter.is_erased(node):
+            continue
+        for pass_ in passes:
+            outcome = pass_.visit(node, rewriter)
+            if isinstance(outcome, Decline):
+                declines[(pass_.name, node)] = outcome
+            elif isinstance(outcome, Rewrite):
+                declines.pop((pass_.name, node), None)
+                for changed in rewriter.touched:
+                    for near in _neighbourhood(changed):
+                        if near not in queued:
+                            worklist.append(near)
+                            queued.add(near)
+                rewriter.touched.clear()
+                break
+    finish_graph(gm)
+    kept = [d for (_, node), d in declines.items() if not rewriter.is_erased(node)]
+    result = PassResult(tuple(p.name for p in passes), rewriter.rewrites, kept)
+    _record_history(gm, result)
+    return result
+
+
+def finish_graph(gm: GraphModule) -> None:
+    """Lint, drop modules and tensors nothing reads any more, regenerate code."""
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    _drop_unread_tensors(gm)
+    gm.recompile()
+
+
+def _drop_unread_tensors(gm: GraphModule) -> None:
+    """Delete parameters/buffers of modules that are never called and whose tensors are unread.
+
+    Functional layers read weights with ``get_attr``; once folded, those weights would otherwise
+    linger in the state dict of the fused model.
+    """
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    named = list(gm.named_parameters(remove_duplicate=False))
+    named += list(gm.named_buffers(remove_duplicate=False))
+    for full_name, _ in named:
+        owner, _, attr = full_name.rpartition(".")
+        if full_name in read or _inside_any(owner, called):
+            continue
+        module = gm.get_submodule(owner) if owner else gm
+        if attr in module._parameters:
+            del module._parameters[attr]
+        elif attr in module._buffers:
+            del module._buffers[attr]
+
+
+def _inside_any(path: str, modules: set[str]) -> bool:
+    """True when ``path`` is one of ``modules`` or nested inside one of them."""
+    parts = path.split(".") if path else []
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts) + 1))
+
+
+def _record_history(gm: GraphModule, result: PassResult) -> None:
+    history = gm.meta.get(META_KEY)
+    if history is None:
+        gm.meta[META_KEY] = PassResult(result.passes, list(result.rewrites),
+                                       list(result.declined))
+    else:
+        history.extend(result)
+
+
+def history(gm: GraphModule) -> PassResult:
+    """Everything repfuse did to ``gm`` so far (empty if nothing)."""
+    return gm.meta.get(META_KEY) or PassResult(())
