@@ -26,6 +26,7 @@ from repfuse.errors import (
     UnsafeLoadError,
     VerificationError,
 )
+from repfuse.io import load_model, save_model
 from repfuse.passes import DEFAULT_PIPELINE, PassResult, history, run_pipeline
 
 __version__ = "0.1.0"
@@ -51,6 +52,6 @@ from repfuse.verify import EquivalenceReport, verify  # noqa: E402  (verify impo
 
 __all__ = [
     "DEFAULT_PIPELINE", "CaptureError", "EquivalenceReport", "LoadError", "PassResult",
-    "RepfuseError", "UnsafeLoadError", "VerificationError", "fuse", "history", "passes",
-    "trace", "verify",
+    "RepfuseError", "UnsafeLoadError", "VerificationError", "fuse", "history", "load_model",
+    "passes", "run_pipeline", "save_model", "trace", "verify",
 ]

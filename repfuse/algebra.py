@@ -152,7 +152,7 @@ def fold_affine_into_input(
 ) -> tuple[Tensor, Tensor]:
     """Fold ``a`` applied *before* a conv or linear layer: ``W*(s·x + t) + b``.
 
-    New weight ``W'[o, i, k] = W[o, i, k]·s[c]`` and bias ``b'[o] = b[o] + Σ_{i,k} W[o, i, k]·t[c]``,
+    New weight ``W'[o, i, k] = W[o, i, k]·s[c]``, bias ``b'[o] = b[o] + Σ_{i,k} W[o, i, k]·t[c]``,
     where ``c`` is the input channel of ``W[o, i]``. Exact for a linear layer and for a conv
     that does not pad, or pads by replicating/reflecting/wrapping its input (which commutes with
     a per-channel affine map). Zero padding sees ``0`` where the original saw ``t``, so with

@@ -127,9 +127,11 @@ def _check_report_path(report: str | None) -> Path | None:
 @click.option("--passes", "pass_names", metavar="a,b,...",
               help="Passes to run, comma-separated (default: all; see `repfuse passes`).")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write a JSON report here.")
+@click.option("--rtol", type=float, help="Relative tolerance of verification (to max |ref|).")
+@click.option("--atol", type=float, help="Absolute tolerance of verification.")
 @click.option("--force", is_flag=True, help="Write the output even if verification fails.")
 @handles_errors
-def convert(model, output, input_shape, arch, trust, pass_names, report, force):
+def convert(model, output, input_shape, arch, trust, pass_names, report, rtol, atol, force):
     """Fuse MODEL, verify it against the original, and write the fused model.
 
     MODEL is a zoo name (see `repfuse passes`/README), a state dict with --arch, a torch.export
@@ -151,7 +153,7 @@ def convert(model, output, input_shape, arch, trust, pass_names, report, force):
         raise RepfuseError(f"unsupported output type '{out.suffix}' for '{out}' (use .pt)")
     if loaded.path is not None and out.resolve() == loaded.path.resolve():
         raise RepfuseError(f"refusing to overwrite the input '{out}'; choose another -o")
-    result = run_convert(loaded.module, x, pass_names, name=model)
+    result = run_convert(loaded.module, x, pass_names, rtol=rtol, atol=atol, name=model)
     _print_conversion(loaded.source, list(x.shape), note, result)
     passed = result.report.passed
     if passed or force:
