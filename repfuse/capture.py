@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule, Tracer
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx import GraphModule, Interpreter, Node, Tracer
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from repfuse.errors import CaptureError, RepfuseError
 
@@ -81,13 +82,43 @@ def symbolic_trace(model: nn.Module) -> GraphModule:
     return GraphModule(tracer.root, graph, type(model).__name__)
 
 
+class _ShapeRecorder(Interpreter):
+    """Runs the graph once and records each node's output shape/dtype as fx's ShapeProp does,
+    but reports a failure as one error naming the node, without printing a traceback."""
+
+    def run_node(self, node: Node) -> Any:
+        try:
+            result = super().run_node(node)
+        except Exception as exc:
+            where = node.target if node.op == "call_module" else node.name
+            raise CaptureError(
+                f"running the traced model failed at '{where}': {_first_line(exc)}"
+            ) from exc
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            node.meta["tensor_meta"] = meta
+        node.meta["type"] = type(result)
+        return result
+
+
 def propagate_shapes(gm: GraphModule, inputs: tuple[Tensor, ...]) -> None:
     """Record each node's output shape and dtype in ``node.meta['tensor_meta']``."""
+    shapes = ", ".join(str(list(t.shape)) for t in inputs)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    except Exception as exc:
-        shapes = ", ".join(str(list(t.shape)) for t in inputs)
+            _ShapeRecorder(gm).run(*inputs)
+    except CaptureError as exc:
+        raise CaptureError(f"{exc} (inputs of shape {shapes})") from exc.__cause__
+    except Exception as exc:  # e.g. the wrong number of inputs
         raise CaptureError(
             f"running the traced model on inputs of shape {shapes} failed: {_first_line(exc)}"
         ) from exc

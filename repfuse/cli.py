@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -86,6 +87,8 @@ def main() -> None:
       repfuse inspect resnet_tiny
       repfuse passes
     """
+    # torch.export.load pickles tree specs through a deprecated path; not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
 
 
 def _load(spec: str, arch: str | None, trust: bool, input_shape: str | None):
@@ -290,7 +293,12 @@ def inspect(model, input_shape, arch, trust, pass_names):
 
 @main.command("passes")
 def list_passes():
-    """List the passes, in default pipeline order, with a one-line description each."""
+    """List the passes, in default pipeline order, with a one-line description each.
+
+    \b
+    Example:
+      repfuse passes
+    """
     from repfuse.passes import DEFAULT_PIPELINE, REGISTRY
 
     for name in DEFAULT_PIPELINE:
@@ -302,7 +310,12 @@ def list_passes():
 
 @main.command()
 def models():
-    """List the bundled zoo models (usable as MODEL without a file)."""
+    """List the bundled zoo models (usable as MODEL without a file).
+
+    \b
+    Example:
+      repfuse models
+    """
     from repfuse.models import list_models
 
     for spec in list_models():

@@ -16,6 +16,7 @@ failure never leaves a half-written file and never touches the input.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import sys
@@ -124,7 +125,29 @@ def _load_pt2(path: Path) -> LoadedModel:
         if node.name in user_inputs and isinstance(value, Tensor):
             shape = tuple(int(s) for s in value.shape)
             break
-    return LoadedModel(program.module(), f"torch.export program {path.name}", shape, path)
+    return LoadedModel(_plain_graph_module(program), f"torch.export program {path.name}", shape,
+                       path)
+
+
+def _plain_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The program as an ordinary GraphModule that can be copied, put in eval mode and saved.
+
+    ``ExportedProgram.module()`` wraps its graph in pytree code and an input-guard module,
+    neither of which can be pickled; the plain module takes the user inputs positionally and
+    returns a single output as itself (several outputs as a tuple).
+    """
+    unlifted = program.module()
+    graph = copy.deepcopy(unlifted.graph)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    graph._codegen = torch.fx.graph.CodeGen()
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    results = output.args[0]
+    single = program.call_spec.out_spec is not None and program.call_spec.out_spec.is_leaf()
+    if single and isinstance(results, (tuple, list)) and len(results) == 1:
+        output.args = (results[0],)
+    return torch.fx.GraphModule(unlifted, graph, "ExportedModule")
 
 
 def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
@@ -183,10 +206,10 @@ def infer_input_shape(model: nn.Module) -> tuple[tuple[int, ...], str]:
     Conv2d: ``(1, C, 224, 224)``; Conv1d: ``(1, C, 224)``; Conv3d: ``(1, C, 16, 112, 112)``;
     Linear: ``(1, in_features)``.
     """
+    spatial_by_kind = ((nn.Conv1d, (224,)), (nn.Conv2d, (224, 224)), (nn.Conv3d, (16, 112, 112)))
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            spatial = {nn.Conv1d: (224,), nn.Conv2d: (224, 224),
-                       nn.Conv3d: (16, 112, 112)}[type(module)]
+        spatial = next((s for kind, s in spatial_by_kind if isinstance(module, kind)), None)
+        if spatial is not None:
             shape = (1, module.in_channels, *spatial)
             return shape, f"assumed input shape {list(shape)} from the first conv '{name}'"
         if isinstance(module, nn.Linear):
@@ -199,7 +222,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     """``'1,3,224,224'`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
     parts = text.replace("x", ",").split(",")
     try:
-        shape = tuple(int(p) for p in parts if p.strip())
+        shape = tuple(int(p) for p in parts)
     except ValueError:
         raise RepfuseError(
             f"bad --input-shape '{text}': expected integers like 1,3,224,224"

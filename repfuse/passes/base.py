@@ -82,9 +82,15 @@ class PassResult:
         return {name: applied.get(name, 0) for name in self.passes}
 
     def extend(self, other: PassResult) -> None:
+        """Append a later run: its declines replace earlier ones for the same pass and node."""
         self.passes = tuple(dict.fromkeys(self.passes + other.passes))
         self.rewrites.extend(other.rewrites)
-        self.declined = [d for d in self.declined if d.node not in _removed(other)]
+        stale = _removed(other)
+        renewed = {(d.pass_name, d.node) for d in other.declined}
+        self.declined = [
+            d for d in self.declined
+            if d.node not in stale and (d.pass_name, d.node) not in renewed
+        ]
         self.declined.extend(other.declined)
 
     def to_dict(self) -> dict:
@@ -151,9 +157,9 @@ class Rewriter:
         """Compute ``root``'s value with a new ``module(*args)`` and delete ``replaced``.
 
         ``root`` must be in ``replaced``; every other replaced node must be read only by
-        replaced nodes. ``module_path`` is reused when it names a module whose only calls are
-        among ``replaced`` (so the fused conv keeps the train-form conv's name and state-dict
-        keys); otherwise a fresh path is derived from it.
+        replaced nodes. ``module_path`` is reused when only ``replaced`` use the module there
+        (so the fused conv keeps the train-form conv's name and state-dict keys); otherwise a
+        fresh path is derived from it.
         """
         target = self._place_module(module_path, module, replaced)
         with self.gm.graph.inserting_before(root):
@@ -185,12 +191,39 @@ class Rewriter:
         return node in self.erased
 
     def _place_module(self, path: str, module: nn.Module, replaced: Sequence[Node]) -> str:
-        replaced_calls = Counter(n.target for n in replaced if n.op == "call_module")
-        reusable = path in replaced_calls and self.index.module_sites[path] == replaced_calls[path]
-        if not reusable:
+        if not self._reusable(path, replaced):
             path = self._fresh_path(path)
         self.gm.add_submodule(path, module)  # replaces the old module when reusing its path
         return path
+
+    def _reusable(self, path: str, replaced: Sequence[Node]) -> bool:
+        """True when the module at ``path`` is used only by ``replaced`` (calls and weights).
+
+        Then the fused layer takes its place, keeping the train-form layer's name and state-dict
+        keys, also for functional and exported graphs whose weights live in plain containers.
+        """
+        if not path:
+            return False
+        try:
+            existing = self.gm.get_submodule(path)
+        except AttributeError:
+            return False
+        if next(existing.children(), None) is not None:
+            return False
+        calls = sum(1 for n in replaced if n.op == "call_module" and n.target == path)
+        if self.index.module_sites[path] != calls:
+            return False
+        doomed = set(replaced)
+        dying_attrs = {
+            a for n in replaced for a in n.all_input_nodes
+            if a.op == "get_attr" and all(u in doomed for u in a.users)
+        }
+        dying_reads = Counter(a.target for a in dying_attrs)
+        own = [*existing.named_parameters(recurse=False), *existing.named_buffers(recurse=False)]
+        return all(
+            self.index.attr_reads[f"{path}.{name}"] == dying_reads[f"{path}.{name}"]
+            for name, _ in own
+        )
 
     def _fresh_path(self, base: str) -> str:
         base = base or "fused"
@@ -255,6 +288,7 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
     on the worklist. At each node the passes are tried in the given order and the first rewrite
     wins. Declines are kept for the nodes that remain in the final graph.
     """
+    _drop_unused_attr_nodes(gm)
     rewriter = Rewriter(gm)
     worklist = deque(gm.graph.nodes)
     queued = set(worklist)
@@ -284,8 +318,17 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
     return result
 
 
+def _drop_unused_attr_nodes(gm: GraphModule) -> None:
+    """Erase ``get_attr`` nodes nobody reads (exported graphs read e.g. ``num_batches_tracked``).
+    """
+    for node in list(gm.graph.find_nodes(op="get_attr")):
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
 def finish_graph(gm: GraphModule) -> None:
     """Lint, drop modules and tensors nothing reads any more, regenerate code."""
+    _drop_unused_attr_nodes(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     _drop_unread_tensors(gm)
@@ -319,15 +362,21 @@ def _inside_any(path: str, modules: set[str]) -> bool:
     return any(".".join(parts[:i]) in modules for i in range(1, len(parts) + 1))
 
 
+HISTORY_ATTR = "_repfuse_history"
+
+
 def _record_history(gm: GraphModule, result: PassResult) -> None:
-    history = gm.meta.get(META_KEY)
-    if history is None:
-        gm.meta[META_KEY] = PassResult(result.passes, list(result.rewrites),
-                                       list(result.declined))
+    """Keep the history in ``gm.meta`` (survives deepcopy) and in an attribute of ``gm``
+    (survives ``torch.save``, whose loader rebuilds ``meta`` empty but restores attributes)."""
+    existing = gm.meta.get(META_KEY) or getattr(gm, HISTORY_ATTR, None)
+    if existing is None:
+        existing = PassResult(result.passes, list(result.rewrites), list(result.declined))
     else:
-        history.extend(result)
+        existing.extend(result)
+    gm.meta[META_KEY] = existing
+    setattr(gm, HISTORY_ATTR, existing)
 
 
 def history(gm: GraphModule) -> PassResult:
     """Everything repfuse did to ``gm`` so far (empty if nothing)."""
-    return gm.meta.get(META_KEY) or PassResult(())
+    return gm.meta.get(META_KEY) or getattr(gm, HISTORY_ATTR, None) or PassResult(())

@@ -196,18 +196,24 @@ class FoldScaleBias(_FoldChannelAffine):
         else:
             return None  # two activations (or two constants): not a scale/bias
         label = describe(node, gm)
+        data_dtype = dtype_of(data)
+        if isinstance(const, Tensor) and const.dim() > 0 and const.dtype != data_dtype:
+            return self.decline(node, f"{label}: the constant is {const.dtype} but the data is "
+                                      f"{data_dtype}; folding would change the result's dtype")
+        if data_dtype is None or dtype_of(node) != data_dtype:
+            return self.decline(node, f"{label} changes the dtype of its input "
+                                      f"({data_dtype} -> {dtype_of(node)}), or it is unknown")
         terms = _affine_terms(kind, const, alpha, data_first)
         if terms is None:
             return None  # c / x is not affine in x
         if isinstance(terms, str):
             return self.decline(node, f"{label} {terms}")
         scale, shift = terms
-        data_dtype = dtype_of(data)
 
         def along(axis: int, shape: tuple[int, ...] | None, channels: int) -> ChannelAffine | str:
             vectors = []
             for value in (scale, shift):
-                vector = _channel_vector(value, axis, shape, channels, data_dtype)
+                vector = _channel_vector(value, axis, shape, channels)
                 if isinstance(vector, str):
                     return f"{label}: {vector}"
                 vectors.append(vector)
@@ -239,15 +245,11 @@ def _as64(value: Any) -> Any:
 
 
 def _channel_vector(
-    value: Any, axis: int, shape: tuple[int, ...] | None, channels: int,
-    data_dtype: torch.dtype | None,
+    value: Any, axis: int, shape: tuple[int, ...] | None, channels: int
 ) -> Tensor | str:
     """``value`` broadcast against a tensor of ``shape`` as one entry per channel of ``axis``."""
     if not isinstance(value, Tensor) or value.dim() == 0:
         return torch.full((channels,), float(value), dtype=FOLD_DTYPE)
-    if data_dtype is not None and value.dtype != data_dtype:
-        return (f"the constant is {value.dtype} but the data is {data_dtype}; folding would "
-                "change the result's dtype")
     if shape is None:
         return "the shape of its input is unknown (run shape propagation)"
     if value.dim() > len(shape):

@@ -43,10 +43,14 @@ def deploy_dtype_of(model: nn.Module, inputs: tuple[Tensor, ...]) -> torch.dtype
 def random_batches(
     example: tuple[Tensor, ...], batches: int, seed: int
 ) -> list[tuple[Tensor, ...]]:
-    """``example`` itself, then ``batches - 1`` seeded N(0, 1) batches of the same shapes."""
-    generator = torch.Generator().manual_seed(seed)
+    """``example`` itself, then ``batches - 1`` seeded N(0, 1) batches of the same shapes.
+
+    Batch ``i >= 1`` is drawn from a generator seeded with ``1000·seed + i``, a stream of its
+    own, so it differs from an example input drawn with ``seed`` itself.
+    """
     out = [example]
-    for _ in range(batches - 1):
+    for index in range(1, batches):
+        generator = torch.Generator().manual_seed(1000 * seed + index)
         out.append(tuple(
             torch.randn(t.shape, generator=generator, dtype=F64).to(t.dtype).to(t.device)
             if t.is_floating_point() else t

@@ -89,7 +89,7 @@ class ErrorMetrics:
         )
 
     def to_dict(self) -> dict:
-        return {k: _json_float(v) for k, v in asdict(self).items()}
+        return {k: json_float(v) for k, v in asdict(self).items()}
 
 
 def _finite_max(diff: Tensor) -> float:
@@ -114,7 +114,7 @@ def _cosine(a: Tensor, b: Tensor) -> float:
     return float((a @ b) / (na * nb))
 
 
-def _json_float(value: float) -> float | str:
+def json_float(value: float) -> float | str:
     """JSON has no inf/nan: spell them as strings."""
     if math.isfinite(value):
         return value

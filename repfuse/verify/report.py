@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from repfuse.verify.compare import ErrorMetrics, Tolerance, min_rtol_to_pass
+from repfuse.verify.compare import ErrorMetrics, Tolerance, json_float, min_rtol_to_pass
 
 SCHEMA_VERSION = 1
 
@@ -76,7 +76,7 @@ class RunComparison:
     def to_dict(self) -> dict:
         return {
             "dtype": self.dtype, "tolerance": self.tolerance.to_dict(), "passed": self.passed,
-            "min_rtol_to_pass": self.min_rtol_to_pass,
+            "min_rtol_to_pass": json_float(self.min_rtol_to_pass),
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
