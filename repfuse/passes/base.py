@@ -244,7 +244,7 @@ class Rewriter:
                     f"cannot erase {node.format_node()}: still used by {outside[0].format_node()}"
                 )
             inputs.extend(n for n in node.all_input_nodes if n not in doomed_set)
-        for node in _reverse_topological(doomed):
+        for node in _users_first(doomed):
             self.gm.graph.erase_node(node)
             self.index.on_erase(node)
             self.erased.add(node)
@@ -264,9 +264,19 @@ def _path_exists(gm: GraphModule, path: str) -> bool:
     return True
 
 
-def _reverse_topological(nodes: list[Node]) -> list[Node]:
-    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)} if nodes else {}
-    return sorted(nodes, key=lambda n: order[n], reverse=True)
+def _users_first(nodes: list[Node]) -> list[Node]:
+    """Order a rewrite's few nodes so each comes after every node that reads it.
+
+    Quadratic in the pattern size (a handful of nodes), independent of the graph size.
+    """
+    pending, ordered = list(nodes), []
+    while pending:
+        ready = next((n for n in pending if all(u in ordered for u in n.users)), None)
+        if ready is None:
+            raise GraphInvariantError(f"cycle among {[n.format_node() for n in pending]}")
+        pending.remove(ready)
+        ordered.append(ready)
+    return ordered
 
 
 def _merge_paths(groups: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
@@ -299,11 +309,11 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
         if rewriter.is_erased(node):
             continue
         for pass_ in passes:
+            declines.pop((pass_.name, node), None)  # a revisit replaces an earlier verdict
             outcome = pass_.visit(node, rewriter)
             if isinstance(outcome, Decline):
                 declines[(pass_.name, node)] = outcome
             elif isinstance(outcome, Rewrite):
-                declines.pop((pass_.name, node), None)
                 for changed in rewriter.touched:
                     for near in _neighbourhood(changed):
                         if near not in queued:
