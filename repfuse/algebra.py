@@ -14,6 +14,7 @@ Shapes follow PyTorch:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -168,3 +169,281 @@ def fold_affine_into_input(
     shift_per_output = (kernel_sums * shift[in_index]).sum(dim=1)
     new_bias = _bias64(bias, weight.shape[0], weight.device) + shift_per_output
     return _cast_back(new_weight, weight), _cast_back(new_bias, weight)
+
+
+# --- Convolutions as values: lift, combine, lower --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """``conv(x, weight, bias; stride, padding, dilation, groups)`` with zero padding, float64.
+
+    Every linear, shift-equivariant op on an ``N×C×spatial`` tensor is one of these: a conv,
+    an eval batch norm or per-channel scale (depthwise 1×1), the identity, an average pool.
+    :func:`parallel_sum`, :func:`compose` and :func:`concat` combine them exactly or say why
+    they cannot.
+    """
+
+    weight: Tensor  # (C_out, C_in / groups, *k)
+    bias: Tensor  # (C_out,)
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @classmethod
+    def of(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, ...],
+        padding: tuple[int, ...],
+        dilation: tuple[int, ...],
+        groups: int,
+    ) -> Kernel:
+        """A kernel from a layer's tensors (any dtype; converted to float64)."""
+        w = weight.detach().to(FOLD_DTYPE)
+        b = _bias64(bias, w.shape[0], w.device)
+        return cls(w, b, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Run the kernel (for tests and probing)."""
+        conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
+                3: torch.nn.functional.conv3d}[self.spatial_dims]
+        return conv(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride,
+                    self.padding, self.dilation, self.groups)
+
+
+def affine_kernel(affine: ChannelAffine, spatial_dims: int) -> Kernel:
+    """A per-channel map ``s·x + t`` as a depthwise 1×…×1 kernel (stride 1, no padding)."""
+    channels = affine.channels
+    weight = affine.scale.reshape(channels, 1, *([1] * spatial_dims)).clone()
+    ones = (1,) * spatial_dims
+    return Kernel(weight, affine.shift.clone(), ones, (0,) * spatial_dims, ones, channels)
+
+
+def identity_kernel(
+    channels: int, kernel_size: tuple[int, ...] | int, spatial_dims: int, groups: int = 1
+) -> Kernel:
+    """The identity as a kernel of odd size ``k``: a 1 at the centre of ``W[c, c mod (C/g)]``.
+
+    Padding ``(k − 1) / 2`` keeps the output aligned with the input; any ``groups`` dividing
+    ``channels`` works (``groups = channels``: depthwise).
+    """
+    size = _tuple(kernel_size, spatial_dims)
+    if any(k % 2 == 0 for k in size):
+        raise ValueError(f"an identity kernel needs odd sizes, got {size}")
+    in_per_group = channels // groups
+    weight = torch.zeros(channels, in_per_group, *size, dtype=FOLD_DTYPE)
+    centre = tuple(k // 2 for k in size)
+    for c in range(channels):
+        weight[(c, c % in_per_group, *centre)] = 1.0
+    padding = tuple(k // 2 for k in size)
+    ones = (1,) * spatial_dims
+    return Kernel(weight, torch.zeros(channels, dtype=FOLD_DTYPE), ones, padding, ones, groups)
+
+
+def avgpool_kernel(
+    channels: int,
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+) -> Kernel:
+    """``AvgPool(k, s, p)`` as a depthwise kernel of weights ``1/Πk``.
+
+    Exact only if ``p = 0`` or the pool counts the padding (``count_include_pad=True``), with
+    ``ceil_mode=False`` and no ``divisor_override``: the caller checks those.
+    """
+    dims = len(kernel_size)
+    weight = torch.full((channels, 1, *kernel_size), 1.0 / math.prod(kernel_size),
+                        dtype=FOLD_DTYPE)
+    return Kernel(weight, torch.zeros(channels, dtype=FOLD_DTYPE), tuple(stride),
+                  tuple(padding), (1,) * dims, channels)
+
+
+def densify(kernel: Kernel) -> Kernel:
+    """A dilated kernel as a dense one: size ``d(k − 1) + 1`` with zeros between taps."""
+    if all(d == 1 for d in kernel.dilation):
+        return kernel
+    size = tuple(d * (k - 1) + 1 for d, k in zip(kernel.dilation, kernel.kernel_size,
+                                                  strict=True))
+    weight = torch.zeros(*kernel.weight.shape[:2], *size, dtype=kernel.weight.dtype,
+                         device=kernel.weight.device)
+    index = (slice(None), slice(None), *(slice(None, None, d) for d in kernel.dilation))
+    weight[index] = kernel.weight
+    ones = (1,) * kernel.spatial_dims
+    return Kernel(weight, kernel.bias, kernel.stride, kernel.padding, ones, kernel.groups)
+
+
+def regroup(kernel: Kernel, groups: int) -> Kernel:
+    """The same map with fewer groups (``groups`` must divide ``kernel.groups``): the weight
+    becomes block-diagonal, each new group holding ``kernel.groups / groups`` old ones."""
+    if groups == kernel.groups:
+        return kernel
+    if kernel.groups % groups != 0:
+        raise ValueError(f"cannot regroup {kernel.groups} groups into {groups}")
+    out_per_old = kernel.out_channels // kernel.groups
+    in_per_old = kernel.weight.shape[1]
+    in_per_new = kernel.in_channels // groups
+    weight = torch.zeros(kernel.out_channels, in_per_new, *kernel.kernel_size,
+                         dtype=kernel.weight.dtype, device=kernel.weight.device)
+    for old in range(kernel.groups):
+        rows = slice(old * out_per_old, (old + 1) * out_per_old)
+        offset = (old * in_per_old) % in_per_new
+        weight[rows, offset:offset + in_per_old] = kernel.weight[rows]
+    return Kernel(weight, kernel.bias, kernel.stride, kernel.padding, kernel.dilation, groups)
+
+
+def pad_to(kernel: Kernel, size: tuple[int, ...]) -> Kernel:
+    """Zero-pad the kernel, centred, to ``size``, raising the padding by ``(K − k)/2``.
+
+    The same map when every ``K − k`` is even (the caller checks alignment).
+    """
+    grow = [big - small for big, small in zip(size, kernel.kernel_size, strict=True)]
+    if all(g == 0 for g in grow):
+        return kernel
+    pads: list[int] = []
+    for g in reversed(grow):  # F.pad wants the last axis first
+        pads += [g // 2, g - g // 2]
+    weight = torch.nn.functional.pad(kernel.weight, pads)
+    padding = tuple(p + g // 2 for p, g in zip(kernel.padding, grow, strict=True))
+    return Kernel(weight, kernel.bias, kernel.stride, padding, kernel.dilation, kernel.groups)
+
+
+def _alignment_reason(kernels: list[Kernel]) -> str | None:
+    """Why kernels reading one input cannot be centre-aligned, or None if they can."""
+    first = kernels[0]
+    for other in kernels[1:]:
+        if other.stride != first.stride:
+            return f"strides differ ({list(first.stride)} vs {list(other.stride)})"
+        if other.in_channels != first.in_channels:
+            return f"input channels differ ({first.in_channels} vs {other.in_channels})"
+    dense = [densify(k) for k in kernels]
+    size = tuple(max(k.kernel_size[a] for k in dense) for a in range(first.spatial_dims))
+    # Padded to size K, a kernel needs padding p + (K − k)/2; all branches must agree.
+    offsets = set()
+    for k in dense:
+        grow = [big - small for big, small in zip(size, k.kernel_size, strict=True)]
+        if any(g % 2 for g in grow):
+            return (f"a {list(k.kernel_size)} kernel cannot be centred in a {list(size)} one "
+                    "(odd size difference)")
+        offsets.add(tuple(p + g // 2 for p, g in zip(k.padding, grow, strict=True)))
+    if len(offsets) > 1:
+        return ("paddings are misaligned: P − p ≠ (K − k)/2 for some branch "
+                f"(paddings once centred: {sorted(offsets)})")
+    return None
+
+
+def _aligned(kernels: list[Kernel]) -> list[Kernel]:
+    """Kernels densified, regrouped to a common grouping and padded to a common size."""
+    dilations = {k.dilation for k in kernels}
+    dense = kernels if len(dilations) == 1 else [densify(k) for k in kernels]
+    groups = math.gcd(*(k.groups for k in dense))
+    dense = [regroup(k, groups) for k in dense]
+    size = tuple(max(k.kernel_size[a] for k in dense) for a in range(dense[0].spatial_dims))
+    return [pad_to(k, size) for k in dense]
+
+
+def parallel_sum(kernels: list[Kernel]) -> Kernel | str:
+    """One kernel computing ``Σ kernel_i(x)``, or the reason it would not be exact.
+
+    Exact iff the strides agree and every kernel centre-aligns with the largest one:
+    ``P − p = (K − k)/2`` per axis. Dilated kernels are made dense when dilations differ;
+    groupings are expanded to their greatest common divisor (a finer grouping is a special
+    case of a coarser one). Weights add, biases add.
+    """
+    reason = _alignment_reason(kernels)
+    if reason is not None:
+        return reason
+    if len({k.out_channels for k in kernels}) > 1:
+        return "output channels differ"
+    aligned = _aligned(kernels)
+    first = aligned[0]
+    weight = torch.stack([k.weight for k in aligned]).sum(0)
+    bias = torch.stack([k.bias for k in aligned]).sum(0)
+    return Kernel(weight, bias, first.stride, first.padding, first.dilation, first.groups)
+
+
+def concat(kernels: list[Kernel]) -> Kernel | str:
+    """One kernel computing ``cat([kernel_i(x)], dim=1)``, or why not (DBB transform IV).
+
+    The same alignment conditions as :func:`parallel_sum`; output channels are stacked, so
+    groupings are expanded to one group unless all kernels share a single group.
+    """
+    reason = _alignment_reason(kernels)
+    if reason is not None:
+        return reason
+    aligned = _aligned([regroup(k, 1) for k in kernels])
+    first = aligned[0]
+    weight = torch.cat([k.weight for k in aligned])
+    bias = torch.cat([k.bias for k in aligned])
+    return Kernel(weight, bias, first.stride, first.padding, first.dilation, 1)
+
+
+def compose(first: Kernel, second: Kernel, *, pad_value_is_bias: bool = False) -> Kernel | str:
+    """One kernel computing ``second(first(x))``, or the reason it would not be exact.
+
+    With ``A = first`` (kernel ``k_A``, stride ``s_A``, padding ``p_A``) and ``B = second``:
+
+    - ``B`` pads ``A``'s output with zeros. The fused kernel instead sees ``A`` applied to
+      padded input. That is the same only if ``p_B = 0``, or ``A`` is 1×1 with stride 1 and no
+      padding and its output at zero input (its bias) is what ``B``'s padding holds: zero bias,
+      or a pad that writes the bias (``pad_value_is_bias``: DBB's BN-and-pad layer).
+    - Then the fused kernel has size ``(k_B − 1)·s_A + k_A``, stride ``s_A·s_B``, padding
+      ``p_A + p_B·s_A``, weight ``W[o, i] = Σ_{m, j} W_B[o, m, j]·W_A[m, i, · − j·s_A]``
+      (a transposed convolution of ``W_B`` by ``W_A``), bias ``b_B + Σ_{m, j} W_B[o, m, j]·b_A[m]``.
+    """
+    if second.in_channels != first.out_channels:
+        return f"channels do not chain ({first.out_channels} into {second.in_channels})"
+    a, b = densify(first), densify(second)
+    pointwise_a = all(k == 1 for k in a.kernel_size) and all(s == 1 for s in a.stride) and all(
+        p == 0 for p in a.padding
+    )
+    if any(p != 0 for p in b.padding):
+        if not pointwise_a:
+            return ("the second conv pads the first one's output with zeros, which the fused "
+                    "conv cannot reproduce (exact only when the second has no padding)")
+        if not pad_value_is_bias and bool(torch.any(a.bias != 0)):
+            return ("the second conv pads the first one's output with zeros, where the first "
+                    "(1x1) conv's bias would be: exact only for a bias-free 1x1 or a "
+                    "pad-with-bias layer")
+    groups = math.gcd(a.groups, b.groups)  # mid-channel groups of A must feed those of B
+    a, b = regroup(a, groups), regroup(b, groups)
+    dims = a.spatial_dims
+    # Per group: W[o, i] = Σ_m Σ_j W_B[o, m, j]·W_A[m, i, t − j·s_A], i.e. W_B as a batch of
+    # images with C_mid channels, transposed-convolved by W_A (C_mid -> C_in) with stride s_A.
+    transpose = {1: torch.nn.functional.conv_transpose1d,
+                 2: torch.nn.functional.conv_transpose2d,
+                 3: torch.nn.functional.conv_transpose3d}[dims]
+    out_per_group, mid_per_group = b.out_channels // groups, a.out_channels // groups
+    weight = torch.cat([
+        transpose(b.weight[g * out_per_group:(g + 1) * out_per_group],
+                  a.weight[g * mid_per_group:(g + 1) * mid_per_group], stride=a.stride)
+        for g in range(groups)
+    ])
+    kernel_sums = b.weight.reshape(b.weight.shape[0], b.weight.shape[1], -1).sum(2)
+    bias = b.bias + (kernel_sums * a.bias[input_channel_of_weight(b.weight, groups)]).sum(1)
+    stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride, strict=True))
+    padding = tuple(pa + pb * sa for pa, pb, sa in zip(a.padding, b.padding, a.stride,
+                                                       strict=True))
+    return Kernel(weight, bias, stride, padding, (1,) * dims, groups)
+
+
+def _tuple(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
