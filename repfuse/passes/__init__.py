@@ -23,17 +23,25 @@ from repfuse.passes.base import (
     run_passes,
 )
 from repfuse.passes.cleanup import RemoveNoops
+from repfuse.passes.constants import FoldConstants
 from repfuse.passes.fold_affine import FoldBatchNorm, FoldScaleBias
+from repfuse.passes.reparam import ComposeLinear, MergeBranches, MergePadding
 
 REGISTRY: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (RemoveNoops, FoldBatchNorm, FoldScaleBias)
+    cls.name: cls
+    for cls in (RemoveNoops, FoldConstants, FoldBatchNorm, FoldScaleBias, MergePadding,
+                ComposeLinear, MergeBranches)
 }
 
 # The default pipeline, in the order passes are tried at each node.
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "remove_noops",
+    "fold_constants",
     "fold_batchnorm",
     "fold_scale_bias",
+    "merge_padding",
+    "compose_linear",
+    "merge_branches",
 )
 
 
@@ -64,8 +72,12 @@ def _single(cls: type[Pass]):
 
 
 remove_noops = _single(RemoveNoops)
+fold_constants = _single(FoldConstants)
 fold_batchnorm = _single(FoldBatchNorm)
 fold_scale_bias = _single(FoldScaleBias)
+merge_padding = _single(MergePadding)
+compose_linear = _single(ComposeLinear)
+merge_branches = _single(MergeBranches)
 
 
 def run_pipeline(gm: GraphModule, names: Sequence[str] | str | None = None) -> PassResult:
@@ -74,7 +86,9 @@ def run_pipeline(gm: GraphModule, names: Sequence[str] | str | None = None) -> P
 
 
 __all__ = [
-    "DEFAULT_PIPELINE", "REGISTRY", "Decline", "FoldBatchNorm", "FoldScaleBias", "Pass",
-    "PassResult", "RemoveNoops", "Rewrite", "Rewriter", "fold_batchnorm", "fold_scale_bias",
-    "history", "remove_noops", "resolve", "run_passes", "run_pipeline",
+    "DEFAULT_PIPELINE", "REGISTRY", "ComposeLinear", "Decline", "FoldBatchNorm", "FoldConstants",
+    "FoldScaleBias", "MergeBranches", "MergePadding", "Pass", "PassResult", "RemoveNoops",
+    "Rewrite", "Rewriter", "compose_linear", "fold_batchnorm", "fold_constants",
+    "fold_scale_bias", "history", "merge_branches", "merge_padding", "remove_noops", "resolve",
+    "run_passes", "run_pipeline",
 ]

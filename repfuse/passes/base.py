@@ -19,11 +19,11 @@ work is linear in the graph size.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from repfuse.errors import GraphInvariantError
@@ -153,8 +153,12 @@ class Rewriter:
         module_path: str,
         detail: str = "",
         exact: bool = True,
+        wrap: Callable[[Node], Node] | None = None,
     ) -> Rewrite:
         """Compute ``root``'s value with a new ``module(*args)`` and delete ``replaced``.
+
+        ``wrap``, if given, builds (before ``root``) the expression around the new node that
+        stands for ``root``, e.g. ``new + other_terms`` when only part of a sum was merged.
 
         ``root`` must be in ``replaced``; every other replaced node must be read only by
         replaced nodes. ``module_path`` is reused when only ``replaced`` use the module there
@@ -171,8 +175,34 @@ class Rewriter:
         record = Rewrite(pass_name, new.name, tuple(n.name for n in replaced), paths,
                          module=target, exact=exact, detail=detail)
         new.meta[META_KEY] = record
-        root.replace_all_uses_with(new)
+        result = new
+        if wrap is not None:
+            with self.gm.graph.inserting_before(root):
+                result = wrap(new)
+        root.replace_all_uses_with(result)
         self._erase(replaced)
+        self.rewrites.append(record)
+        self.touched.append(new)
+        return record
+
+    def replace_with_constant(
+        self, pass_name: str, node: Node, value: Tensor, detail: str = ""
+    ) -> Rewrite:
+        """Replace ``node`` by a new buffer holding ``value`` (read with ``get_attr``)."""
+        name, n = "_repfuse_constant", 0
+        while hasattr(self.gm, f"{name}{n}"):
+            n += 1
+        target = f"{name}{n}"
+        self.gm.register_buffer(target, value)
+        with self.gm.graph.inserting_before(node):
+            new = self.gm.graph.get_attr(target)
+        self.index.on_create(new)
+        new.meta["tensor_meta"] = node.meta.get("tensor_meta")
+        record = Rewrite(pass_name, new.name, (node.name,), origin_paths_of(node),
+                         module=None, detail=detail)
+        new.meta[META_KEY] = record
+        node.replace_all_uses_with(new)
+        self._erase([node])
         self.rewrites.append(record)
         self.touched.append(new)
         return record

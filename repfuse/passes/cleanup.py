@@ -1,9 +1,10 @@
 """Remove ops that compute the identity in eval mode.
 
 ``nn.Identity``; dropout in every spelling (``nn.Dropout*``, ``F.dropout*``, ``torch.dropout``,
-``aten.dropout``) when not training or with ``p = 0``; and ``x * 1``, ``x / 1``, ``x + 0``,
-``x - 0`` on a floating-point ``x``. Custom modules such as stochastic depth (drop path) that
-return their input in eval mode vanish already during tracing, since fx traces through them.
+``aten.dropout``) when not training or with ``p = 0``; and ``x * 1``, ``1 * x``, ``x / 1``,
+``x + 0``, ``0 + x`` (the start of ``sum([...])``), ``x - 0`` on a floating-point ``x``.
+Custom modules such as stochastic depth (drop path) that return their input in eval mode
+vanish already during tracing, since fx traces through them.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class RemoveNoops(Pass):
         if kind is None or len(node.args) != 2 or node.kwargs:
             return None
         data, const = node.args
+        if kind in ("add", "mul") and not isinstance(data, Node):
+            const, data = data, const  # 0 + x (as in sum([...])) and 1 * x
         if not isinstance(data, Node) or isinstance(const, bool):
             return None
         if not isinstance(const, (int, float)) or const != _NEUTRAL[kind]:
