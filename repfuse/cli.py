@@ -276,19 +276,30 @@ def inspect(model, input_shape, arch, trust, pass_names):
     console.print(f"[bold]{loaded.source}[/]  input {list(x.shape)}")
     if note:
         console.print(f"[yellow]note[/]: {note}")
-    table = Table(title="rewrites", title_justify="left")
-    for column in ("pass", "result", "replaces"):
-        table.add_column(column)
-    for rewrite in result.passes.rewrites:
-        table.add_row(rewrite.pass_name, rewrite.module or rewrite.node,
-                      ", ".join(rewrite.module_paths) or ", ".join(rewrite.replaced))
-    console.print(table)
-    if result.passes.declined:
-        console.print("[bold]declined[/]")
-        _print_declines(result.passes.declined, limit=len(result.passes.declined))
-    else:
-        console.print("declined: none")
+    _print_blocks(result.passes)
     console.print(_cost_table(result.cost_before, result.cost_after))
+
+
+def _print_blocks(passes) -> None:
+    """Rewrites and declines grouped by block (the common parent of their module paths)."""
+    from repfuse.passes.base import block_of
+
+    blocks: dict[str, list[str]] = {}
+    for rewrite in passes.rewrites:
+        target = f" -> {rewrite.module}" if rewrite.module else ""
+        blocks.setdefault(block_of(rewrite.module_paths), []).append(
+            f"  [green]{rewrite.pass_name}[/]: {rewrite.detail}{target}"
+        )
+    for decline in passes.declined:
+        blocks.setdefault(block_of(decline.module_paths), []).append(
+            f"  [yellow]declined by {decline.pass_name}[/]: {decline.reason}"
+        )
+    if not blocks:
+        console.print("nothing to rewrite")
+    for block, lines in blocks.items():
+        console.print(f"[bold]{block or '(top level)'}[/]")
+        for line in lines:
+            console.print(line)
 
 
 @main.command("passes")

@@ -59,9 +59,11 @@ class Decline:
     pass_name: str
     node: str
     reason: str
+    module_paths: tuple[str, ...] = ()  # original module paths of the declined node
 
     def to_dict(self) -> dict:
-        return {"pass": self.pass_name, "node": self.node, "reason": self.reason}
+        return {"pass": self.pass_name, "node": self.node, "reason": self.reason,
+                "module_paths": list(self.module_paths)}
 
 
 @dataclass
@@ -101,6 +103,21 @@ class PassResult:
         }
 
 
+def block_of(module_paths: Sequence[str]) -> str:
+    """The block a rewrite or decline belongs to: the common parent of its module paths."""
+    if not module_paths:
+        return ""
+    split = [p.split(".") for p in module_paths]
+    common: list[str] = []
+    for parts in zip(*split, strict=False):  # stops at the shortest path
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    if len(common) == min(len(parts) for parts in split):
+        common = common[:-1]  # one path (or one inside another): its parent is the block
+    return ".".join(common)
+
+
 def _removed(result: PassResult) -> set[str]:
     return {name for r in result.rewrites for name in r.replaced}
 
@@ -115,7 +132,7 @@ class Pass:
         raise NotImplementedError
 
     def decline(self, node: Node, reason: str) -> Decline:
-        return Decline(self.name, node.name, reason)
+        return Decline(self.name, node.name, reason, origin_paths_of(node))
 
 
 def origin_paths_of(node: Node) -> tuple[str, ...]:
