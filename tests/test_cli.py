@@ -447,7 +447,8 @@ def test_inspect_lists_rewrites_and_writes_nothing(tmp_path, monkeypatch, tiny):
     for name, module in tiny.named_modules():
         if isinstance(module, nn.Conv2d):
             assert name in result.stderr  # every conv absorbs a BatchNorm
-    assert "declined: none" in result.stderr
+    assert "declined" not in result.stderr
+    assert "\nlayer1.0\n" in result.stderr  # grouped per block
 
 
 COMMANDS_WITH_EXAMPLES = ["convert", "verify", "inspect", "bench"]
