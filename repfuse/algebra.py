@@ -311,7 +311,7 @@ def regroup(kernel: Kernel, groups: int) -> Kernel:
 
 
 def pad_to(kernel: Kernel, size: tuple[int, ...]) -> Kernel:
-    """Zero-pad the kernel, centred, to ``size``, raising the padding by ``(K − k)/2``.
+    """Zero-pad the kernel, centred, to ``size``, raising the padding by ``d·(K − k)/2``.
 
     The same map when every ``K − k`` is even (the caller checks alignment).
     """
@@ -322,7 +322,9 @@ def pad_to(kernel: Kernel, size: tuple[int, ...]) -> Kernel:
     for g in reversed(grow):  # F.pad wants the last axis first
         pads += [g // 2, g - g // 2]
     weight = torch.nn.functional.pad(kernel.weight, pads)
-    padding = tuple(p + g // 2 for p, g in zip(kernel.padding, grow, strict=True))
+    # Each added tap widens the window by the dilation.
+    padding = tuple(p + d * (g // 2) for p, d, g in zip(kernel.padding, kernel.dilation, grow,
+                                                       strict=True))
     return Kernel(weight, kernel.bias, kernel.stride, padding, kernel.dilation, kernel.groups)
 
 

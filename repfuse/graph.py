@@ -62,6 +62,10 @@ _BN_FUNCTIONAL_ARGS = {
 _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 
 
+# Key of the provenance record (a repfuse.passes.base.Rewrite) on a rewritten node's meta.
+META_KEY = "repfuse"
+
+
 def fetch_attr(gm: nn.Module, target: str) -> Any:
     """The object a ``get_attr`` target names, e.g. ``'layer1.0.conv1.weight'``."""
     return reduce(getattr, target.split("."), gm)
@@ -175,7 +179,7 @@ class LayerView:
     def origin_paths(self) -> tuple[str, ...]:
         if self.module_path is not None:
             return (self.module_path,)
-        return tuple(sorted({owner_path(n.target) or n.target for n in self.attr_nodes}))
+        return _paths_of_attrs(self.attr_nodes)
 
     def build(self, weight: Tensor, bias: Tensor | None) -> nn.Module:
         """A fresh ``nn.Conv*d``/``nn.ConvTranspose*d``/``nn.Linear`` holding these weights."""
@@ -253,6 +257,23 @@ def layer_view(gm: GraphModule, node: Node) -> LayerView | None:
     )
 
 
+def origin_paths_of(node: Node) -> tuple[str, ...]:
+    """The original module paths a node stands for (through earlier rewrites)."""
+    record = node.meta.get(META_KEY)
+    if record is not None:
+        return record.module_paths
+    if node.op == "call_module":
+        return (node.target,)
+    if node.op == "get_attr":
+        return (owner_path(node.target) or node.target,)
+    # A functional op stands for the modules whose weights it reads.
+    return _paths_of_attrs(n for n in node.all_input_nodes if n.op == "get_attr")
+
+
+def _paths_of_attrs(attrs: Iterable[Node]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(p for n in attrs for p in origin_paths_of(n)))
+
+
 def _is_attr(arg: Any) -> bool:
     return isinstance(arg, Node) and arg.op == "get_attr"
 
@@ -275,7 +296,7 @@ class BatchNormView:
     def origin_paths(self) -> tuple[str, ...]:
         if self.module_path is not None:
             return (self.module_path,)
-        return tuple(sorted({owner_path(n.target) or n.target for n in self.attr_nodes}))
+        return _paths_of_attrs(self.attr_nodes)
 
 
 def batchnorm_view(gm: GraphModule, node: Node) -> BatchNormView | None:

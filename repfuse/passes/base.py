@@ -27,9 +27,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from repfuse.errors import GraphInvariantError
-from repfuse.graph import UseIndex, owner_path
-
-META_KEY = "repfuse"
+from repfuse.graph import META_KEY, UseIndex, origin_paths_of
 
 
 @dataclass(frozen=True)
@@ -135,20 +133,6 @@ class Pass:
         return Decline(self.name, node.name, reason, origin_paths_of(node))
 
 
-def origin_paths_of(node: Node) -> tuple[str, ...]:
-    """The original module paths a node stands for (through earlier rewrites)."""
-    record = node.meta.get(META_KEY)
-    if record is not None:
-        return record.module_paths
-    if node.op == "call_module":
-        return (node.target,)
-    if node.op == "get_attr":
-        return (owner_path(node.target) or node.target,)
-    # A functional op stands for the modules whose weights it reads.
-    attrs = (n for n in node.all_input_nodes if n.op == "get_attr")
-    return tuple(dict.fromkeys(owner_path(n.target) or n.target for n in attrs))
-
-
 class Rewriter:
     """The one object that changes the graph; it keeps the :class:`UseIndex` and records."""
 
@@ -158,6 +142,7 @@ class Rewriter:
         self.erased: set[Node] = set()
         self.rewrites: list[Rewrite] = []
         self.touched: list[Node] = []  # nodes whose neighbourhood a rewrite changed
+        self.pending: set[Node] = set()  # nodes the pipeline will still visit
 
     def replace_with_module(
         self,
@@ -331,10 +316,13 @@ def _merge_paths(groups: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
 
 
 def _neighbourhood(node: Node) -> list[Node]:
-    """Nodes whose candidacy may change after ``node`` appears: itself, inputs, users, siblings."""
+    """Nodes whose candidacy may change after ``node`` appears: itself, its inputs and users,
+    the other readers of its inputs, and the other inputs of its users."""
     near = [node, *node.all_input_nodes, *node.users]
     for producer in node.all_input_nodes:
         near.extend(producer.users)
+    for user in node.users:
+        near.extend(user.all_input_nodes)
     return near
 
 
@@ -348,7 +336,8 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
     _drop_unused_attr_nodes(gm)
     rewriter = Rewriter(gm)
     worklist = deque(gm.graph.nodes)
-    queued = set(worklist)
+    queued = rewriter.pending
+    queued.update(worklist)
     declines: dict[tuple[str, Node], Decline] = {}
     while worklist:
         node = worklist.popleft()
@@ -369,7 +358,10 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
                 rewriter.touched.clear()
                 break
     finish_graph(gm)
-    kept = [d for (_, node), d in declines.items() if not rewriter.is_erased(node)]
+    kept = list({
+        (d.pass_name, d.node, d.reason): d
+        for (_, node), d in declines.items() if not rewriter.is_erased(node)
+    }.values())  # a pass may decline one root from several anchors
     result = PassResult(tuple(p.name for p in passes), rewriter.rewrites, kept)
     _record_history(gm, result)
     return result

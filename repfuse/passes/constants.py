@@ -22,9 +22,15 @@ from repfuse.graph import describe, fetch_attr
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 # Ops that mutate, draw random numbers or touch global state: never evaluated ahead of time.
-_IMPURE_FUNCTIONS = {operator.setitem, torch.rand, torch.randn, torch.randint, torch.randperm,
-                     torch.bernoulli, torch.normal, torch.multinomial, torch.dropout,
-                     torch.nn.functional.dropout}
+_IMPURE_FUNCTIONS = {
+    operator.setitem, torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like,
+    torch.randn_like, torch.randint_like, torch.bernoulli, torch.normal, torch.poisson,
+    torch.multinomial, torch.empty, torch.empty_like, torch.dropout, torch.nn.functional.dropout,
+    torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout,
+    torch.nn.functional.dropout1d, torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
+}
+_IMPURE_METHODS = {"bernoulli", "multinomial", "normal", "uniform", "random", "exponential",
+                   "geometric", "cauchy", "log_normal"}
 # Larger results are left to be computed at run time (a folded broadcast could be huge).
 MAX_CONSTANT_ELEMENTS = 1 << 24
 
@@ -43,10 +49,8 @@ class FoldConstants(Pass):
             return None
         if any(n.op != "get_attr" for n in node.all_input_nodes):
             return None
-        if node.target in _IMPURE_FUNCTIONS or (
-            isinstance(node.target, str) and node.target.endswith("_")
-        ):
-            return None
+        if _impure(node) or any(_mutates(user, node) for user in node.users):
+            return None  # random, in place, or its value is changed in place later
         gm = rewriter.gm
         args = map_arg(node.args, lambda n: fetch_attr(gm, n.target))
         kwargs = map_arg(node.kwargs, lambda n: fetch_attr(gm, n.target))
@@ -62,6 +66,23 @@ class FoldConstants(Pass):
             self.name, node, value.detach().clone(),
             detail=f"{describe(node, gm)} evaluated once",
         )
+
+
+def _impure(node: Node) -> bool:
+    if node.kwargs.get("inplace") or "out" in node.kwargs:
+        return True
+    if isinstance(node.target, str):
+        return node.target.endswith("_") or node.target in _IMPURE_METHODS
+    return node.target in _IMPURE_FUNCTIONS
+
+
+def _mutates(user: Node, node: Node) -> bool:
+    """True when ``user`` writes into ``node``'s tensor (``x.add_(...)``, ``x[i] = v``)."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_method":
+        return user.target.endswith("_")
+    return user.target is operator.setitem or bool(user.kwargs.get("inplace"))
 
 
 def _call(node: Node, args: Any, kwargs: Any) -> Any:

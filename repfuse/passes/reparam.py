@@ -275,10 +275,12 @@ class MergeBranches(Pass):
 
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
         if _is_sum(node):
-            user = sole_user(node)
-            if user is not None and _is_sum(user):
-                return None  # the outermost add of the tree handles it
-            return self._merge_sum(node, rewriter)
+            root, user = node, sole_user(node)
+            while user is not None and _is_sum(user):
+                root, user = user, sole_user(user)
+            if root is not node and root in rewriter.pending:
+                return None  # the tree's outermost add is still to come and merges it all
+            return self._merge_sum(root, rewriter)
         if node.op == "call_function" and node.target in _CATS:
             return self._merge_concat(node, rewriter)
         return None
