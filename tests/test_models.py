@@ -29,7 +29,11 @@ from repfuse.models.resnet import DropPath
 # Too large to run in tests; they are built on the meta device and their parameters counted.
 LARGE_MODELS = {"resnet50", "vgg11_bn"}
 FAST_MODELS = [spec.name for spec in list_models() if spec.name not in LARGE_MODELS]
-DEPLOY_MODELS = [spec.name for spec in list_models() if spec.supports_deploy]
+# Models whose deploy form is the train form without BN (reparameterized ones merge branches
+# too: tests/test_reparam_models.py covers those).
+DEPLOY_MODELS = [
+    spec.name for spec in list_models() if spec.supports_deploy and not spec.reparameterized
+]
 FAST_DEPLOY_MODELS = [name for name in DEPLOY_MODELS if name not in LARGE_MODELS]
 
 # torchvision's parameter counts for the same architectures with 1000 classes.

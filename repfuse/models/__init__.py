@@ -1,16 +1,32 @@
 """Example models for repfuse, in train form and (where written by hand) deploy form.
 
 Importing this package registers every model: ResNet-18/50 and a tiny ResNet (He et al. 2016),
-VGG-11 with BatchNorm and a tiny VGG (Simonyan & Zisserman 2015). Build one with
-:func:`create_model`; list them with :func:`list_models`.
+VGG-11 with BatchNorm and a tiny VGG (Simonyan & Zisserman 2015), and the structurally
+reparameterized models, whose deploy form merges parallel branches into one conv: RepVGG
+(Ding et al. 2021), ACNet (Ding et al. 2019) and DBB (Ding et al. 2021) ResNet-18s, MobileOne
+(Vasu et al. 2023), a RepLKNet stage (Ding et al. 2022), UniRepLKNet's dilated reparam block
+(Ding et al. 2024), RepViT (Wang et al. 2024) and a YOLO RepConv neck (Wang et al. 2023).
+Build one with :func:`create_model`; list them with :func:`list_models`.
 """
 
-from repfuse.models import resnet, vgg
+from repfuse.models import (
+    acnet,
+    dbb,
+    mobileone,
+    replknet,
+    repvgg,
+    repvit,
+    resnet,
+    unireplknet,
+    vgg,
+    yolo_repconv,
+)
 from repfuse.models.registry import (
     ModelSpec,
     create_model,
     get_spec,
     list_models,
+    load_by_structure,
     load_fused_state_dict,
     randomize_bn_stats,
     register_model,
@@ -18,12 +34,21 @@ from repfuse.models.registry import (
 
 __all__ = [
     "ModelSpec",
+    "acnet",
     "create_model",
+    "dbb",
     "get_spec",
     "list_models",
+    "load_by_structure",
     "load_fused_state_dict",
+    "mobileone",
     "randomize_bn_stats",
     "register_model",
+    "replknet",
+    "repvgg",
+    "repvit",
     "resnet",
+    "unireplknet",
     "vgg",
+    "yolo_repconv",
 ]
