@@ -284,10 +284,19 @@ def _print_blocks(passes) -> None:
     """Rewrites and declines grouped by block (the common parent of their module paths)."""
     from repfuse.passes.base import block_of
 
+    # A rewrite belongs to the block of the last rewrite that consumed its result, so BN folds
+    # inside a branch show under the block whose branches were merged.
+    block_by_node: dict[str, str] = {}
+    blocks_of_rewrites = []
+    for rewrite in reversed(passes.rewrites):
+        block = block_by_node.get(rewrite.node, block_of(rewrite.module_paths))
+        for name in rewrite.replaced:
+            block_by_node.setdefault(name, block)
+        blocks_of_rewrites.append(block)
     blocks: dict[str, list[str]] = {}
-    for rewrite in passes.rewrites:
+    for rewrite, block in zip(passes.rewrites, reversed(blocks_of_rewrites), strict=True):
         target = f" -> {rewrite.module}" if rewrite.module else ""
-        blocks.setdefault(block_of(rewrite.module_paths), []).append(
+        blocks.setdefault(block, []).append(
             f"  [green]{rewrite.pass_name}[/]: {rewrite.detail}{target}"
         )
     for decline in passes.declined:
