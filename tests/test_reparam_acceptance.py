@@ -13,12 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import random_input, reference64, rel_err
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repfuse
 from repfuse.cli import main
 from repfuse.models import create_model, get_spec, list_models, load_by_structure
-from tests.conftest import random_input, reference64, rel_err
 
 REPARAM_MODELS = [spec.name for spec in list_models() if spec.reparameterized]
 # Models with 224x224 inputs run at 64x64 here: the rules do not depend on the spatial size.
