@@ -243,9 +243,10 @@ def _is_sum(node: Node) -> bool:
     return all(isinstance(a, Node) and a.op != "get_attr" for a in node.args)
 
 
-def _sum_terms(root: Node) -> tuple[list[Node], list[Node]]:
-    """The addends of a tree of binary adds (inner adds read only by the tree), and the adds."""
-    terms: list[Node] = []
+def _sum_terms(root: Node) -> tuple[list[tuple[Node, Node]], list[Node]]:
+    """The addends of a tree of binary adds (inner adds read only by the tree), each with the
+    add that reads it, and the adds themselves."""
+    terms: list[tuple[Node, Node]] = []
     adds: list[Node] = []
 
     def visit(node: Node) -> None:
@@ -254,7 +255,7 @@ def _sum_terms(root: Node) -> tuple[list[Node], list[Node]]:
             if _is_sum(arg) and sole_user(arg) is node:
                 visit(arg)
             else:
-                terms.append(arg)
+                terms.append((arg, node))
 
     visit(root)
     return terms, adds
@@ -291,8 +292,7 @@ class MergeBranches(Pass):
         if shape is None or len(shape) < 3:
             return None
         terms, adds = _sum_terms(root)
-        consumers = {id(t): next(a for a in adds if t in a.args) for t in terms}
-        branches = [branch_of(gm, t, consumers[id(t)]) for t in terms]
+        branches = [branch_of(gm, term, add) for term, add in terms]
         groups: dict[Node, list[Branch]] = {}
         for branch in branches:
             if shape_of(branch.term) == shape:
@@ -308,7 +308,7 @@ class MergeBranches(Pass):
             return self.decline(root, f"branches {names} of the sum {describe(root, gm)} "
                                       f"stay: {merged}")
         merged_terms = {id(b.term) for b in group}
-        rest = [t for t in terms if id(t) not in merged_terms]
+        rest = [term for term, _ in terms if id(term) not in merged_terms]
         return self._rewrite(rewriter, root, group, adds, merged, rest, operator.add,
                              f"sum of {len(group)} branches {names}")
 
