@@ -20,7 +20,7 @@ import math
 from collections import OrderedDict
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 KernelSize = int | tuple[int, int]
 
@@ -120,3 +120,25 @@ def init_branch_convs(*convs: nn.Conv2d, gain: float) -> None:
 def unit_with_activation(unit: nn.Module, activation: nn.Module) -> nn.Sequential:
     """``activation(unit(x))`` as the named children ``conv`` and ``act``."""
     return nn.Sequential(OrderedDict(conv=unit, act=activation))
+
+
+class StagedClassifier(nn.Module):
+    """The classifier shape RepVGG and MobileOne share: ``stem``, ``stage1``..``stage4``, a
+    global average pool and ``fc``. Subclasses build those modules in ``__init__``."""
+
+    stem: nn.Module
+    stage1: nn.Module
+    stage2: nn.Module
+    stage3: nn.Module
+    stage4: nn.Module
+    avgpool: nn.Module
+    fc: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = self.stage1(x)
+        x = self.stage2(x)
+        x = self.stage3(x)
+        x = self.stage4(x)
+        x = self.avgpool(x)
+        return self.fc(x.flatten(1))

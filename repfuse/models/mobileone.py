@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from repfuse.models.layers import (
     ConvBN,
+    StagedClassifier,
     deploy_conv,
     init_branch_convs,
     unit_with_activation,
@@ -124,7 +125,7 @@ class MobileOneBlock(nn.Sequential):
         )
 
 
-class MobileOne(nn.Module):
+class MobileOne(StagedClassifier):
     """MobileOne (Vasu et al. 2023, Sec. 3): ``stem``, ``stage1..stage4``, global average pool
     and ``fc``.
 
@@ -160,15 +161,6 @@ class MobileOne(nn.Module):
         self.stage1, self.stage2, self.stage3, self.stage4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        x = self.stage1(x)
-        x = self.stage2(x)
-        x = self.stage3(x)
-        x = self.stage4(x)
-        x = self.avgpool(x)
-        return self.fc(x.flatten(1))
 
 
 @register_model(

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from repfuse.models.layers import ConvBN, deploy_conv, init_branch_convs
+from repfuse.models.layers import ConvBN, StagedClassifier, deploy_conv, init_branch_convs
 from repfuse.models.registry import register_model
 
 # Blocks after the stem (1-based) that are groupwise in the paper's g2/g4 models.
@@ -88,7 +88,7 @@ class RepVGGBlock(nn.Sequential):
         super().__init__(OrderedDict(conv=conv, act=activation()))
 
 
-class RepVGG(nn.Module):
+class RepVGG(StagedClassifier):
     """RepVGG (Ding et al. 2021, Sec. 3.4): a stem block, four stages of blocks, global average
     pool and ``fc``.
 
@@ -133,15 +133,6 @@ class RepVGG(nn.Module):
 
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        x = self.stage1(x)
-        x = self.stage2(x)
-        x = self.stage3(x)
-        x = self.stage4(x)
-        x = self.avgpool(x)
-        return self.fc(x.flatten(1))
 
 
 @register_model(
