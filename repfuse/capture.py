@@ -46,7 +46,7 @@ class _LocatingTracer(Tracer):
         super().__init__()
         self.failed_module: tuple[str, str] | None = None
 
-    def call_module(self, m: nn.Module, forward, args, kwargs):  # noqa: ANN001
+    def call_module(self, m: nn.Module, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:

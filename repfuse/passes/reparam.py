@@ -415,7 +415,7 @@ class ComposeLinear(Pass):
         first = lift(gm, second.input)
         if first is None or not (first.is_conv or second.is_conv):
             return None
-        if not (first.is_conv and second.is_conv) and not _is_pool_or_conv(gm, first, second):
+        if not _is_pool_or_conv(gm, first, second):
             return None  # BN/scale next to a conv: the fold passes' business
         label = f"{describe(first.node, gm)} -> {describe(node, gm)}"
         if sole_user(first.node) is not node:
@@ -486,8 +486,13 @@ def _border_fill(pad: Node, gm: GraphModule) -> torch.Tensor | None:
     Recognizes ``y = F.pad(x, [p]*2d); y[:, :, :p] = v; y[:, :, -p:] = v; ...`` (DBB's
     BN-and-pad layer) with ``v`` a constant broadcasting per channel.
     """
-    fills = [u for u in pad.users if u.op == "call_function" and u.target is operator.setitem]
+    fills = _setitem_users(pad)
     return _fill_value(gm, pad, fills) if fills else None
+
+
+def _setitem_users(node: Node) -> list[Node]:
+    """The ``node[index] = value`` writes into ``node``."""
+    return [u for u in node.users if u.op == "call_function" and u.target is operator.setitem]
 
 
 def _fill_value(gm: GraphModule, pad: Node, fills: list[Node]) -> torch.Tensor | None:
@@ -555,7 +560,7 @@ class MergePadding(Pass):
         fill = _border_fill(node, gm)
         if fill is not None:
             return self._pad_with_bias(node, found, fill, rewriter)
-        if any(u.op == "call_function" and u.target is operator.setitem for u in node.users):
+        if _setitem_users(node):
             return self.decline(node, f"{describe(node, gm)} is overwritten in place in a way "
                                       "that is not a per-channel border fill")
         user = sole_user(node)
@@ -595,7 +600,7 @@ class MergePadding(Pass):
             return self.decline(pad, f"{label} pads with values that differ from the bias of "
                                      f"{describe(data, gm)}")
         module = replace(layer, padding=padding).build(layer.weight, bias)
-        fills = [u for u in pad.users if u.op == "call_function" and u.target is operator.setitem]
+        fills = _setitem_users(pad)
         return rewriter.replace_with_module(
             self.name, root=pad, replaced=[data, *fills, pad], module=module,
             args=(layer.input,), module_path=layer.module_path or layer.origin_paths()[0],
