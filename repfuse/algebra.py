@@ -354,8 +354,14 @@ def _alignment_reason(kernels: list[Kernel]) -> str | None:
 
 def _aligned(kernels: list[Kernel]) -> list[Kernel]:
     """Kernels densified, regrouped to a common grouping and padded to a common size."""
+    # A common dilation d keeps kernels sparse, where a size difference K − k pads by
+    # d·(K − k)/2 per side: possible only when K − k is even. Otherwise work on dense kernels
+    # (whose centring _alignment_reason checked).
     dilations = {k.dilation for k in kernels}
-    dense = kernels if len(dilations) == 1 else [densify(k) for k in kernels]
+    size = tuple(max(k.kernel_size[a] for k in kernels) for a in range(kernels[0].spatial_dims))
+    even = all((big - small) % 2 == 0 for k in kernels
+               for big, small in zip(size, k.kernel_size, strict=True))
+    dense = kernels if len(dilations) == 1 and even else [densify(k) for k in kernels]
     groups = math.gcd(*(k.groups for k in dense))
     dense = [regroup(k, groups) for k in dense]
     size = tuple(max(k.kernel_size[a] for k in dense) for a in range(dense[0].spatial_dims))

@@ -173,6 +173,20 @@ def test_parallel_sum_of_branches_sharing_one_dilation(small_first: bool) -> Non
     assert_same_map(run(large, x) + run(small, x), merged, x)
 
 
+@pytest.mark.parametrize("combine", [parallel_sum, concat], ids=["sum", "concat"])
+def test_dilated_kernels_of_odd_size_difference_are_aligned_densely(combine) -> None:
+    """(3,1) and (2,1) taps at dilation 2 span 5 and 3 pixels: centred only when dense (the
+    sparse sizes differ by 1). Found by the property tests."""
+    c = 2
+    a = random_kernel(c, c, (3, 1), padding=(2, 0), dilation=(2, 1), bias=False)
+    b = random_kernel(c, c, (2, 1), padding=(1, 0), dilation=(2, 1), bias=False)
+    x = random_input((2, c, 5, 5), dtype=F64)
+    expected = run(a, x) + run(b, x) if combine is parallel_sum else torch.cat(
+        [run(a, x), run(b, x)], 1)
+
+    assert_same_map(expected, combine([a, b]), x)
+
+
 @pytest.mark.parametrize(("branches", "phrase"), [
     (lambda: [random_kernel(4, 4, 3, padding=1), random_kernel(4, 4, 1, stride=2)],
      "strides differ"),

@@ -25,15 +25,18 @@ from repfuse.passes.base import (
 from repfuse.passes.cleanup import RemoveNoops
 from repfuse.passes.constants import FoldConstants
 from repfuse.passes.fold_affine import FoldBatchNorm, FoldScaleBias
+from repfuse.passes.pooling import HoistGlobalPool
 from repfuse.passes.reparam import ComposeLinear, MergeBranches, MergePadding
+from repfuse.passes.siblings import MergeSiblings
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
     for cls in (RemoveNoops, FoldConstants, FoldBatchNorm, FoldScaleBias, MergePadding,
-                ComposeLinear, MergeBranches)
+                ComposeLinear, MergeBranches, HoistGlobalPool, MergeSiblings)
 }
 
-# The default pipeline, in the order passes are tried at each node.
+# The default pipeline, in the order passes are tried at each node. Passes of a later stage
+# (``Pass.stage``: merge_siblings) run once the earlier ones have reached their fixed point.
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "remove_noops",
     "fold_constants",
@@ -42,11 +45,19 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "merge_padding",
     "compose_linear",
     "merge_branches",
+    "hoist_global_pool",
+    "merge_siblings",
 )
 
 
-def resolve(names: Iterable[str] | str | None) -> list[Pass]:
-    """Pass objects for ``names`` (a list or a comma-separated string); None: the defaults."""
+def resolve(
+    names: Iterable[str] | str | None, *, allow_costlier: bool = False
+) -> list[Pass]:
+    """Pass objects for ``names`` (a list or a comma-separated string); None: the defaults.
+
+    ``allow_costlier`` sets the option of that name on the passes that have it (merges that
+    the cost model says do not pay are then applied too).
+    """
     if names is None:
         names = DEFAULT_PIPELINE
     elif isinstance(names, str):
@@ -56,10 +67,17 @@ def resolve(names: Iterable[str] | str | None) -> list[Pass]:
         if name not in REGISTRY:
             known = ", ".join(REGISTRY)
             raise RepfuseError(f"unknown pass '{name}'; known passes: {known}")
-        passes.append(REGISTRY[name]())
+        cls = REGISTRY[name]
+        options = {"allow_costlier": True} if allow_costlier and _has_option(
+            cls, "allow_costlier") else {}
+        passes.append(cls(**options))
     if not passes:
         raise RepfuseError("no passes given")
     return passes
+
+
+def _has_option(cls: type[Pass], option: str) -> bool:
+    return option in getattr(cls, "__dataclass_fields__", {})
 
 
 def _single(cls: type[Pass]):
@@ -78,17 +96,26 @@ fold_scale_bias = _single(FoldScaleBias)
 merge_padding = _single(MergePadding)
 compose_linear = _single(ComposeLinear)
 merge_branches = _single(MergeBranches)
+hoist_global_pool = _single(HoistGlobalPool)
+merge_siblings = _single(MergeSiblings)
 
 
-def run_pipeline(gm: GraphModule, names: Sequence[str] | str | None = None) -> PassResult:
-    """Run the named passes (default: :data:`DEFAULT_PIPELINE`) on ``gm`` to a fixed point."""
-    return run_passes(gm, resolve(names))
+def run_pipeline(
+    gm: GraphModule, names: Sequence[str] | str | None = None, *, allow_costlier: bool = False
+) -> PassResult:
+    """Run the named passes (default: :data:`DEFAULT_PIPELINE`) on ``gm`` to a fixed point,
+    stage by stage (see :attr:`Pass.stage`)."""
+    passes = resolve(names, allow_costlier=allow_costlier)
+    result = PassResult(())
+    for stage in sorted({p.stage for p in passes}):
+        result.extend(run_passes(gm, [p for p in passes if p.stage == stage]))
+    return result
 
 
 __all__ = [
     "DEFAULT_PIPELINE", "REGISTRY", "ComposeLinear", "Decline", "FoldBatchNorm", "FoldConstants",
-    "FoldScaleBias", "MergeBranches", "MergePadding", "Pass", "PassResult", "RemoveNoops",
-    "Rewrite", "Rewriter", "compose_linear", "fold_batchnorm", "fold_constants",
-    "fold_scale_bias", "history", "merge_branches", "merge_padding", "remove_noops", "resolve",
-    "run_passes", "run_pipeline",
+    "FoldScaleBias", "HoistGlobalPool", "MergeBranches", "MergePadding", "MergeSiblings", "Pass",
+    "PassResult", "RemoveNoops", "Rewrite", "Rewriter", "compose_linear", "fold_batchnorm",
+    "fold_constants", "fold_scale_bias", "history", "hoist_global_pool", "merge_branches",
+    "merge_padding", "merge_siblings", "remove_noops", "resolve", "run_passes", "run_pipeline",
 ]

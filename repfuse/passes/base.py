@@ -18,14 +18,17 @@ work is linear in the graph size.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from repfuse.cost import NodeCost, node_cost, nodes_cost
 from repfuse.errors import GraphInvariantError
 from repfuse.graph import META_KEY, UseIndex, origin_paths_of
 
@@ -41,12 +44,27 @@ class Rewrite:
     module: str | None = None  # path of the new module, if one was created
     exact: bool = True
     detail: str = ""
+    cost_before: NodeCost | None = None  # estimated cost of the replaced nodes
+    cost_after: NodeCost | None = None  # and of the nodes that replaced them
+    # (replaced node, node now computing its value), per redirected node; the verifier
+    # compares the two to name the first rewrite whose output diverges
+    stands_for: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def cost_change(self) -> NodeCost:
+        """``after - before`` (negative: saved); zero when no estimate was recorded."""
+        if self.cost_before is None or self.cost_after is None:
+            return NodeCost()
+        return self.cost_after - self.cost_before
 
     def to_dict(self) -> dict:
+        cost = None
+        if self.cost_before is not None and self.cost_after is not None:
+            cost = {"before": self.cost_before.to_dict(), "after": self.cost_after.to_dict()}
         return {
             "pass": self.pass_name, "node": self.node, "replaced": list(self.replaced),
             "module_paths": list(self.module_paths), "module": self.module,
-            "exact": self.exact, "detail": self.detail,
+            "exact": self.exact, "detail": self.detail, "cost": cost,
         }
 
 
@@ -71,6 +89,9 @@ class PassResult:
     passes: tuple[str, ...]
     rewrites: list[Rewrite] = field(default_factory=list)
     declined: list[Decline] = field(default_factory=list)
+    # The graph's node names when last recorded: torch.save's loader renames nodes, and the
+    # verifier maps the loaded graph's nodes back to these (same order) to read the rewrites.
+    node_names: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -92,6 +113,14 @@ class PassResult:
             if d.node not in stale and (d.pass_name, d.node) not in renewed
         ]
         self.declined.extend(other.declined)
+
+    def cost_change_by_pass(self) -> dict[str, NodeCost]:
+        """The estimated cost change (after - before) of each pass's rewrites, pipeline order."""
+        change = {name: NodeCost() for name in self.passes}
+        for rewrite in self.rewrites:
+            change[rewrite.pass_name] = change.get(rewrite.pass_name, NodeCost()) + (
+                rewrite.cost_change)
+        return change
 
     def to_dict(self) -> dict:
         return {
@@ -125,6 +154,9 @@ class Pass:
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line, shown by ``repfuse passes``
+    # Passes of a later stage run after those of earlier stages reach their fixed point, e.g.
+    # horizontal fusion after every sum and concat of branches has been merged.
+    stage: ClassVar[int] = 0
 
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
         raise NotImplementedError
@@ -151,7 +183,7 @@ class Rewriter:
         root: Node,
         replaced: Sequence[Node],
         module: nn.Module,
-        args: tuple,
+        args: tuple | Callable[[], tuple],
         module_path: str,
         detail: str = "",
         exact: bool = True,
@@ -159,33 +191,90 @@ class Rewriter:
     ) -> Rewrite:
         """Compute ``root``'s value with a new ``module(*args)`` and delete ``replaced``.
 
-        ``wrap``, if given, builds (before ``root``) the expression around the new node that
-        stands for ``root``, e.g. ``new + other_terms`` when only part of a sum was merged.
+        ``args`` may be a function that builds the argument nodes (called where the new nodes
+        go, before ``root``), e.g. a global pool moved in front of the new layer. ``wrap``, if
+        given, builds (before ``root``) the expression around the new node that stands for
+        ``root``, e.g. ``new + other_terms`` when only part of a sum was merged.
 
         ``root`` must be in ``replaced``; every other replaced node must be read only by
         replaced nodes. ``module_path`` is reused when only ``replaced`` use the module there
         (so the fused conv keeps the train-form conv's name and state-dict keys); otherwise a
         fresh path is derived from it.
         """
+        return self._replace(pass_name, [root], replaced, module, args, module_path, detail,
+                             exact, wrap, split=None)
+
+    def replace_with_split(
+        self,
+        pass_name: str,
+        *,
+        roots: Sequence[Node],
+        sizes: Sequence[int],
+        dim: int,
+        replaced: Sequence[Node],
+        module: nn.Module,
+        args: tuple,
+        module_path: str,
+        detail: str = "",
+    ) -> Rewrite:
+        """Compute all of ``roots`` with one new ``module(*args)`` split along ``dim``.
+
+        ``torch.split(new, sizes, dim)[i]`` takes the place of ``roots[i]`` (horizontal
+        fusion of sibling layers).
+        """
+        return self._replace(pass_name, list(roots), replaced, module, args, module_path,
+                             detail, True, None, split=(tuple(sizes), dim))
+
+    def _replace(self, pass_name, roots, replaced, module, args, module_path, detail, exact,
+                 wrap, split) -> Rewrite:
+        cost_before = nodes_cost(self.gm, replaced)  # before the module at the path changes
         target = self._place_module(module_path, module, replaced)
-        with self.gm.graph.inserting_before(root):
+        first = roots[0]
+        anchor = first.prev
+        with self.gm.graph.inserting_before(first):
+            if callable(args):
+                args = args()
             new = self.gm.graph.call_module(target, args)
-        self.index.on_create(new)
-        if "tensor_meta" in root.meta:
-            new.meta["tensor_meta"] = root.meta["tensor_meta"]
+            if "tensor_meta" in first.meta:
+                new.meta["tensor_meta"] = first.meta["tensor_meta"]  # wrap/split may refine it
+            results = [new]
+            if wrap is not None:
+                results = [wrap(new)]
+            elif split is not None:
+                results = self._split(new, roots, *split)
+        created = _between(anchor, first)
+        for node in created:
+            self.index.on_create(node)
         paths = _merge_paths(origin_paths_of(n) for n in replaced)
         record = Rewrite(pass_name, new.name, tuple(n.name for n in replaced), paths,
-                         module=target, exact=exact, detail=detail)
+                         module=target, exact=exact, detail=detail, cost_before=cost_before,
+                         cost_after=nodes_cost(self.gm, created),
+                         stands_for=tuple(
+                             (r.name, x.name) for r, x in zip(roots, results, strict=True)))
         new.meta[META_KEY] = record
-        result = new
-        if wrap is not None:
-            with self.gm.graph.inserting_before(root):
-                result = wrap(new)
-        root.replace_all_uses_with(result)
+        for root, result in zip(roots, results, strict=True):
+            root.replace_all_uses_with(result)
         self._erase(replaced)
         self.rewrites.append(record)
-        self.touched.append(new)
+        self.touched.extend(created)
         return record
+
+    def _split(self, new: Node, roots: Sequence[Node], sizes: tuple[int, ...],
+               dim: int) -> list[Node]:
+        whole = [m for r in roots for m in [r.meta.get("tensor_meta")]]
+        if all(m is not None for m in whole):
+            shape = list(whole[0].shape)
+            shape[dim] = sum(sizes)
+            new.meta["tensor_meta"] = whole[0]._replace(shape=torch.Size(shape))
+        parts = self.gm.graph.call_function(torch.split, (new, list(sizes), dim))
+        parts.meta["tensor_meta"] = tuple(whole)
+        items = []
+        for index, root in enumerate(roots):
+            item = self.gm.graph.call_function(operator.getitem, (parts, index))
+            if "tensor_meta" in root.meta:
+                item.meta["tensor_meta"] = root.meta["tensor_meta"]
+            items.append(item)
+        return items
 
     def replace_with_constant(
         self, pass_name: str, node: Node, value: Tensor, detail: str = ""
@@ -201,7 +290,8 @@ class Rewriter:
         self.index.on_create(new)
         new.meta["tensor_meta"] = node.meta.get("tensor_meta")
         record = Rewrite(pass_name, new.name, (node.name,), origin_paths_of(node),
-                         module=None, detail=detail)
+                         module=None, detail=detail, cost_before=node_cost(self.gm, node),
+                         cost_after=NodeCost(), stands_for=((node.name, new.name),))
         new.meta[META_KEY] = record
         node.replace_all_uses_with(new)
         self._erase([node])
@@ -211,9 +301,11 @@ class Rewriter:
 
     def bypass(self, pass_name: str, node: Node, source: Node, detail: str = "") -> Rewrite:
         """Remove ``node``, whose value equals ``source``'s, rerouting its users to ``source``."""
+        cost_before = node_cost(self.gm, node)
         node.replace_all_uses_with(source)
         record = Rewrite(pass_name, source.name, (node.name,), origin_paths_of(node),
-                         detail=detail)
+                         detail=detail, cost_before=cost_before, cost_after=NodeCost(),
+                         stands_for=((node.name, source.name),))
         self._erase([node])
         self.rewrites.append(record)
         self.touched.append(source)
@@ -286,6 +378,15 @@ class Rewriter:
                 self.gm.graph.erase_node(node)
                 self.index.on_erase(node)
                 self.erased.add(node)
+
+
+def _between(anchor: Node, stop: Node) -> list[Node]:
+    """The nodes after ``anchor`` and before ``stop``, in graph order."""
+    nodes, node = [], anchor.next
+    while node is not stop:
+        nodes.append(node)
+        node = node.next
+    return nodes
 
 
 def _path_exists(gm: GraphModule, path: str) -> bool:
@@ -416,16 +517,21 @@ HISTORY_ATTR = "_repfuse_history"
 
 def _record_history(gm: GraphModule, result: PassResult) -> None:
     """Keep the history in ``gm.meta`` (survives deepcopy) and in an attribute of ``gm``
-    (survives ``torch.save``, whose loader rebuilds ``meta`` empty but restores attributes)."""
+    (survives ``torch.save``, whose loader rebuilds ``meta`` empty but restores attributes);
+    registered as a preserved attribute, so a deep copy gets the attribute back too."""
     existing = gm.meta.get(META_KEY) or getattr(gm, HISTORY_ATTR, None)
     if existing is None:
         existing = PassResult(result.passes, list(result.rewrites), list(result.declined))
     else:
         existing.extend(result)
+    existing.node_names = tuple(n.name for n in gm.graph.nodes)
     gm.meta[META_KEY] = existing
+    gm.meta.setdefault("_user_preserved_attributes", {})[HISTORY_ATTR] = existing
     setattr(gm, HISTORY_ATTR, existing)
 
 
-def history(gm: GraphModule) -> PassResult:
-    """Everything repfuse did to ``gm`` so far (empty if nothing)."""
-    return gm.meta.get(META_KEY) or getattr(gm, HISTORY_ATTR, None) or PassResult(())
+def history(gm: nn.Module) -> PassResult:
+    """Everything repfuse did to ``gm`` so far (empty if nothing); ``gm`` may also be a
+    partially captured model, whose fused parts are GraphModules."""
+    meta = getattr(gm, "meta", None) or {}
+    return meta.get(META_KEY) or getattr(gm, HISTORY_ATTR, None) or PassResult(())

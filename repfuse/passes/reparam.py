@@ -19,6 +19,7 @@ No pass calls any method of the model: the rules see only the graph.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -39,7 +40,9 @@ from repfuse.algebra import (
     concat,
     identity_kernel,
     parallel_sum,
+    regroup,
 )
+from repfuse.cost import layer_cost, nodes_cost, pays
 from repfuse.graph import (
     LayerView,
     bind_args,
@@ -57,13 +60,21 @@ from repfuse.passes.fold_affine import AffineOp, FoldBatchNorm, FoldScaleBias
 
 @dataclass(frozen=True)
 class LinearStep:
-    """A node that applies ``kernel`` to ``input`` (a conv, BN/scale, or average pool)."""
+    """A node that applies ``kernel`` to ``input`` (a conv, BN/scale, or average pool).
+
+    The kernel (a float64 copy of the weights) is built on first use: most candidates are
+    rejected on structure alone.
+    """
 
     node: Node
     input: Node
-    kernel: Kernel
+    build: Callable[[], Kernel]
     is_conv: bool
     origin: str  # module path (or node name) for naming the merged conv
+
+    @functools.cached_property
+    def kernel(self) -> Kernel:
+        return self.build()
 
 
 def numeric_padding(layer: LayerView) -> tuple[int, ...] | None:
@@ -135,9 +146,11 @@ def lift(gm: GraphModule, node: Node) -> LinearStep | None:
         padding = numeric_padding(layer)
         if padding is None:
             return None
-        kernel = Kernel.of(layer.weight, layer.bias, layer.stride, padding, layer.dilation,
-                           layer.groups)
-        return LinearStep(node, layer.input, kernel, True, layer.origin_paths()[0])
+        def build() -> Kernel:
+            return Kernel.of(layer.weight, layer.bias, layer.stride, padding, layer.dilation,
+                             layer.groups)
+
+        return LinearStep(node, layer.input, build, True, layer.origin_paths()[0])
     shape = shape_of(node)
     if shape is None or len(shape) < 3:
         return None  # per-channel ops on N×C tensors are the fold passes' business
@@ -149,8 +162,9 @@ def lift(gm: GraphModule, node: Node) -> LinearStep | None:
             return None
         size = _ntuple(settings["kernel_size"], dims)
         stride = _ntuple(settings["stride"] or settings["kernel_size"], dims)
-        kernel = avgpool_kernel(shape[1], size, stride, _ntuple(settings["padding"], dims))
-        return LinearStep(node, data, kernel, False, node.name)
+        pool_padding = _ntuple(settings["padding"], dims)
+        return LinearStep(node, data, lambda: avgpool_kernel(shape[1], size, stride, pool_padding),
+                          False, node.name)
     op = _affine_op(gm, node)
     if op is None:
         return None
@@ -158,7 +172,7 @@ def lift(gm: GraphModule, node: Node) -> LinearStep | None:
     if not isinstance(affine, ChannelAffine):
         return None
     origin = node.target if node.op == "call_module" else node.name
-    return LinearStep(node, op.input, affine_kernel(affine, dims), False, origin)
+    return LinearStep(node, op.input, lambda: affine_kernel(affine, dims), False, origin)
 
 
 # --- branches: chains of linear ops back to a shared input -----------------------------------
@@ -212,6 +226,25 @@ def _kernel_module(kernel: Kernel, like: torch.Tensor) -> nn.Module:
     with torch.no_grad():
         module.weight = nn.Parameter(kernel.weight.to(like), requires_grad=False)
         module.bias = nn.Parameter(kernel.bias.to(like), requires_grad=False)
+    return module
+
+
+def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None, dims: int = 1) -> Kernel:
+    """A linear layer ``(C_out, C_in)`` as a 1×…×1 conv with ``dims`` spatial axes: on
+    ``N×C_in×1…1`` they compute the same, so the conv algebra applies to linear layers too."""
+    return Kernel.of(weight.reshape(*weight.shape, *(1,) * dims), bias, (1,) * dims,
+                     (0,) * dims, (1,) * dims, 1)
+
+
+def linear_module(kernel: Kernel, like: torch.Tensor) -> nn.Linear:
+    """A fresh ``nn.Linear`` holding a 1×…×1 ``kernel`` (densified to one group)."""
+    dense = regroup(kernel, 1)
+    module = nn.Linear(dense.in_channels, dense.out_channels, device=like.device,
+                       dtype=like.dtype)
+    with torch.no_grad():
+        weight = dense.weight.reshape(dense.out_channels, dense.in_channels)
+        module.weight = nn.Parameter(weight.to(like), requires_grad=False)
+        module.bias = nn.Parameter(dense.bias.to(like), requires_grad=False)
     return module
 
 
@@ -338,7 +371,11 @@ class MergeBranches(Pass):
         def wrap(new: Node) -> Node:
             if not before and not after:
                 return new
-            return gm.graph.call_function(torch.cat, ([*before, new, *after], 1))
+            new.meta["tensor_meta"] = _with_channels(cat.meta["tensor_meta"],
+                                                     merged.out_channels)
+            joined = gm.graph.call_function(torch.cat, ([*before, new, *after], 1))
+            joined.meta["tensor_meta"] = cat.meta["tensor_meta"]
+            return joined
 
         return self._rewrite(rewriter, cat, group, [cat], merged, None, None,
                              f"concat of {len(group)} branches {names}", wrap=wrap)
@@ -364,6 +401,13 @@ class MergeBranches(Pass):
             self.name, root=root, replaced=replaced, module=_kernel_module(merged, like),
             args=(group[0].input,), module_path=origin.origin, detail=detail, wrap=wrap,
         )
+
+
+def _with_channels(meta, channels: int):
+    """Shape-propagation metadata like ``meta`` but with ``channels`` channels."""
+    shape = list(meta.shape)
+    shape[1] = channels
+    return meta._replace(shape=torch.Size(shape))
 
 
 def _kernel_area(kernel: Kernel | None) -> int:
@@ -392,18 +436,15 @@ def _longest_run(branches: list[Branch | None]) -> tuple[int, int] | None:
 # --- sequential composition -------------------------------------------------------------------
 
 
-def _macs(kernel: Kernel, out_shape: tuple[int, ...]) -> int:
-    return math.prod(out_shape) * kernel.weight.shape[1] * math.prod(kernel.kernel_size)
-
-
 @dataclass(frozen=True)
 class ComposeLinear(Pass):
-    """Compose conv → conv / conv → avg-pool / avg-pool → conv into one conv when it pays."""
+    """Compose conv → conv / conv → avg-pool / avg-pool → conv into one conv, and linear →
+    linear into one linear, when it pays."""
 
     name: ClassVar[str] = "compose_linear"
     summary: ClassVar[str] = (
         "compose a conv with a following conv or average pool (or a pool with a following "
-        "conv) into one conv, when exact and not more MACs"
+        "conv) into one conv, and two linear layers into one, when exact and it pays"
     )
     allow_costlier: bool = False
 
@@ -411,7 +452,7 @@ class ComposeLinear(Pass):
         gm = rewriter.gm
         second = lift(gm, node)
         if second is None:
-            return None
+            return self._linear_pair(node, rewriter) or self._unliftable_pool(node, gm)
         first = lift(gm, second.input)
         if first is None or not (first.is_conv or second.is_conv):
             return None
@@ -428,18 +469,67 @@ class ComposeLinear(Pass):
                                           shape_of(node))
         if out_shape is None or mid_shape is None or in_shape is None:
             return self.decline(node, f"{label} stay: shapes unknown (run shape propagation)")
-        before = _macs(first.kernel, mid_shape) + _macs(second.kernel, out_shape)
-        after = _macs(combined, out_shape)
-        if after > before and not self.allow_costlier:
-            return self.decline(node, f"{label} stay: composing would raise MACs from "
-                                      f"{before:,} to {after:,}")
         like = _weight_like(gm, (first.node, node))
+        before = nodes_cost(gm, (first.node, node))
+        after = layer_cost(tuple(combined.weight.shape), in_shape, out_shape, like.itemsize)
+        costlier = pays(before, after)
+        if costlier is not None and not self.allow_costlier:
+            return self.decline(node, f"{label} stay: composing costs more: {costlier}")
         origin = first.origin if first.is_conv else second.origin
         return rewriter.replace_with_module(
             self.name, root=node, replaced=[node, first.node],
             module=_kernel_module(combined, like), args=(first.input,), module_path=origin,
             detail=f"{label} composed",
         )
+
+
+    def _linear_pair(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
+        """Linear → Linear with nothing between: ``W = W_2·W_1``, ``b = W_2·b_1 + b_2``."""
+        gm = rewriter.gm
+        second = layer_view(gm, node)
+        if second is None or second.kind != "linear":
+            return None
+        first = layer_view(gm, second.input)
+        if first is None or first.kind != "linear":
+            return None
+        label = f"{describe(first.node, gm)} -> {describe(node, gm)}"
+        if sole_user(first.node) is not node:
+            return self.decline(node, f"{label} stay: the output of "
+                                      f"{describe(first.node, gm)} is also used elsewhere")
+        combined = compose(linear_kernel(first.weight, first.bias),
+                           linear_kernel(second.weight, second.bias))
+        if isinstance(combined, str):
+            return self.decline(node, f"{label} stay: {combined}")
+        in_shape, out_shape = shape_of(first.input), shape_of(node)
+        if in_shape is None or out_shape is None:
+            return self.decline(node, f"{label} stay: shapes unknown (run shape propagation)")
+        before = nodes_cost(gm, (first.node, node))
+        after = layer_cost((combined.out_channels, combined.in_channels), in_shape, out_shape,
+                           second.weight.element_size())
+        costlier = pays(before, after)
+        if costlier is not None and not self.allow_costlier:
+            return self.decline(node, f"{label} stay: composing costs more: {costlier}")
+        return rewriter.replace_with_module(
+            self.name, root=node, replaced=[node, first.node],
+            module=linear_module(combined, second.weight), args=(first.input,),
+            module_path=second.module_path or second.origin_paths()[0],
+            detail=f"{label} composed",
+        )
+
+    def _unliftable_pool(self, node: Node, gm: GraphModule) -> Decline | None:
+        """A conv → avg pool pair that stays because the pool is not a convolution."""
+        pool = _avgpool_settings(gm, node)
+        if pool is None:
+            return None
+        data, settings, dims = pool
+        first = lift(gm, data) if isinstance(data, Node) else None
+        if first is None or not first.is_conv:
+            return None
+        reason = avgpool_reason(settings, dims)
+        if reason is None:
+            return None
+        return self.decline(node, f"{describe(data, gm)} -> {describe(node, gm)} stay: the "
+                                  f"pool is not a convolution: {reason}")
 
 
 def _is_pool_or_conv(gm: GraphModule, first: LinearStep, second: LinearStep) -> bool:
@@ -544,12 +634,14 @@ def _border_strip(index: tuple, padding: tuple[int, ...], spatial: int) -> tuple
 
 @dataclass(frozen=True)
 class MergePadding(Pass):
-    """Turn zero pads before a conv, and DBB's pad-with-bias after a 1x1 conv, into padding."""
+    """Turn zero pads before a conv or avg pool, and DBB's pad-with-bias after a 1x1 conv,
+    into padding."""
 
     name: ClassVar[str] = "merge_padding"
     summary: ClassVar[str] = (
-        "fold a zero F.pad into the following conv's padding; a 1x1 conv whose output is "
-        "padded with its own bias (DBB's BN-and-pad) becomes that conv with padding"
+        "fold a zero F.pad into the following conv's (or counting avg pool's) padding; a 1x1 "
+        "conv whose output is padded with its own bias (DBB's BN-and-pad) becomes that conv "
+        "with padding"
     )
 
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
@@ -564,6 +656,9 @@ class MergePadding(Pass):
             return self.decline(node, f"{describe(node, gm)} is overwritten in place in a way "
                                       "that is not a per-channel border fill")
         user = sole_user(node)
+        pool = None if user is None else _avgpool_settings(gm, user)
+        if pool is not None and pool[0] is node:
+            return self._into_avgpool(node, found, user, pool[1:], rewriter)
         layer = None if user is None else layer_view(gm, user)
         if layer is None or layer.kind != "conv" or layer.input is not node:
             return None
@@ -578,6 +673,35 @@ class MergePadding(Pass):
             self.name, root=user, replaced=[node, user], module=module, args=(data,),
             module_path=layer.module_path or layer.origin_paths()[0],
             detail=f"zero pad {describe(node, gm)} folded into {describe(user, gm)}",
+        )
+
+    def _into_avgpool(self, pad: Node, found, user: Node, pool: tuple[dict, int],
+                      rewriter: Rewriter) -> Rewrite | Decline:
+        """``avg_pool(zero_pad(x, q), p)`` counting padding is ``avg_pool(x, p + q)``."""
+        gm = rewriter.gm
+        (data, padding), (settings, dims) = found, pool
+        label = f"zero pad {describe(pad, gm)} before {describe(user, gm)} stays"
+        if len(padding) != dims:
+            return self.decline(pad, f"{label}: it pads {len(padding)} axes, the pool {dims}")
+        reason = avgpool_reason(settings, dims)
+        if reason is None and not settings["count_include_pad"]:
+            reason = "it does not count padding, but the zeros of the pad are counted"
+        if reason is not None:
+            return self.decline(pad, f"{label}: the pool is not a convolution: {reason}")
+        size = _ntuple(settings["kernel_size"], dims)
+        total = tuple(a + b for a, b in zip(_ntuple(settings["padding"], dims), padding,
+                                            strict=True))
+        if any(2 * t > k for t, k in zip(total, size, strict=True)):
+            return self.decline(pad, f"{label}: the pool would need padding {list(total)}, "
+                                     f"more than half its kernel {list(size)} (PyTorch's limit)")
+        cls = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims]
+        module = cls(size, _ntuple(settings["stride"] or settings["kernel_size"], dims), total,
+                     count_include_pad=True)
+        path = user.target if user.op == "call_module" else user.name
+        return rewriter.replace_with_module(
+            self.name, root=user, replaced=[pad, user], module=module, args=(data,),
+            module_path=path, detail=f"zero pad {describe(pad, gm)} folded into "
+                                     f"{describe(user, gm)}",
         )
 
     def _pad_with_bias(self, pad: Node, found, fill: torch.Tensor,

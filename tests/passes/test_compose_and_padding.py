@@ -35,6 +35,7 @@ from torch import nn
 
 import repfuse
 from repfuse.cost import graph_cost
+from repfuse.models import randomize_bn_stats
 from repfuse.passes import (
     ComposeLinear,
     PassResult,
@@ -225,15 +226,34 @@ def test_avgpool_then_conv_composes_when_allowed(dtype: torch.dtype) -> None:
     assert conv.kernel_size == (6, 6) and conv.stride == (2, 2)
 
 
-@pytest.mark.parametrize("pool", [
-    pytest.param(nn.AvgPool2d(3, 1, 1, count_include_pad=False), id="count_include_pad_false"),
-    pytest.param(nn.AvgPool2d(2, 2, ceil_mode=True), id="ceil_mode"),
-    pytest.param(nn.AvgPool2d(2, 2, divisor_override=3), id="divisor_override"),
+def test_avgpool_then_padded_conv_is_declined_even_when_costlier_is_allowed() -> None:
+    """The conv pads the pool's output with zeros; a fused conv would average real pixels."""
+    model = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(4, 6, 3, padding=1))
+    result = check_unchanged(model, (2, 4, 12, 10),
+                             lambda gm: run_passes(gm, [ComposeLinear(allow_costlier=True)]))
+    assert "exact only when the second has no padding" in only_reason(result)
+
+
+@pytest.mark.parametrize(("pool", "reason"), [
+    pytest.param(nn.AvgPool2d(3, 1, 1, count_include_pad=False), "count_include_pad=False",
+                 id="count_include_pad_false"),
+    pytest.param(nn.AvgPool2d(2, 2, ceil_mode=True), "ceil_mode", id="ceil_mode"),
+    pytest.param(nn.AvgPool2d(2, 2, divisor_override=3), "overrides the divisor",
+                 id="divisor_override"),
 ])
-def test_avgpool_that_is_not_a_conv_is_not_lifted(pool: nn.Module) -> None:
+def test_avgpool_that_is_not_a_conv_is_declined_with_its_reason(pool: nn.Module,
+                                                                 reason: str) -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3), pool)
     result = check_unchanged(model, (2, 4, 9, 9), compose_linear)
-    assert result.declined == []
+    assert "the pool is not a convolution" in only_reason(result)
+    assert reason in only_reason(result)
+
+
+def test_padded_avgpool_after_conv_is_declined() -> None:
+    """The pool pads the conv's output with zeros (counted): a fused conv would not."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(3, 2, 1))
+    result = check_unchanged(model, (2, 4, 9, 9), compose_linear)
+    assert "exact only when the second has no padding" in only_reason(result)
 
 
 # --- merge_padding --------------------------------------------------------------------------
@@ -349,3 +369,97 @@ def test_pad_with_a_computed_bias_value_fuses_in_one_pipeline_run() -> None:
 
     assert calls_to(gm, F.pad, setitem) == 0
     assert len(modules_of(gm, nn.Conv2d)) == 1
+
+
+# --- streamline merging into average pools ------------------------------------------------------
+
+class PadThenPool(nn.Module):
+    def __init__(self, pad: list[int], pool: nn.Module) -> None:
+        super().__init__()
+        self.pad, self.pool = pad, pool
+
+    def forward(self, x):
+        return self.pool(F.pad(x, self.pad))
+
+
+@DTYPES
+def test_zero_pad_becomes_the_padding_of_a_counting_avgpool(dtype) -> None:
+    model = PadThenPool([1, 1, 1, 1], nn.AvgPool2d(3, 2))
+    gm, result = fuse_checked(model, random_input((2, 3, 9, 8)), merge_padding, dtype)
+    assert result.counts() == {"merge_padding": 1}
+    assert calls_to(gm, F.pad) == 0
+    (path,) = modules_of(gm, *POOLS)
+    assert gm.get_submodule(path).padding == (1, 1)
+
+
+@pytest.mark.parametrize(("model", "reason"), [
+    pytest.param(PadThenPool([1, 1, 1, 1], nn.AvgPool2d(3, 1, 1, count_include_pad=False)),
+                 "count_include_pad=False", id="pool-does-not-count-padding"),
+    pytest.param(PadThenPool([1, 1, 1, 1], nn.AvgPool2d(3, 1, 0, count_include_pad=False)),
+                 "the zeros of the pad are counted", id="unpadded-pool-not-counting"),
+    pytest.param(PadThenPool([2, 2, 2, 2], nn.AvgPool2d(3, 1)), "more than half its kernel",
+                 id="padding-over-half-kernel"),
+    pytest.param(PadThenPool([1, 1, 1, 1], nn.AvgPool2d(2, 2, ceil_mode=True)), "ceil_mode",
+                 id="ceil-mode"),
+])
+def test_zero_pad_before_a_pool_that_cannot_take_it_is_declined(model, reason) -> None:
+    result = check_unchanged(model, (2, 3, 8, 8), merge_padding)
+    assert reason in only_reason(result)
+
+
+class ConvBNPoolStage(nn.Module):
+    """A VGG-style stage end: conv3x3 → BN → AvgPool2d(2, 2) with nothing non-linear between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.pool = nn.AvgPool2d(2, 2)
+        randomize_bn_stats(self, seed=2)
+
+    def forward(self, x):
+        return torch.relu(self.pool(self.bn(self.conv(x))))
+
+
+@DTYPES
+def test_conv_bn_avgpool_stage_becomes_one_strided_conv_in_the_pipeline(dtype) -> None:
+    model = ConvBNPoolStage()
+    x = random_input((2, 4, 12, 10))
+    macs_before = graph_cost(repfuse.trace(model.to(dtype), x.to(dtype))).macs
+    gm, result = fuse_checked(model, x, run_pipeline, dtype)
+    assert result.counts()["fold_batchnorm"] == 1 and result.counts()["compose_linear"] == 1
+    assert modules_of(gm, nn.BatchNorm2d, *POOLS) == []
+    conv = gm.get_submodule("conv")
+    assert conv.kernel_size == (4, 4) and conv.stride == (2, 2)
+    assert graph_cost(gm).macs < macs_before
+
+
+# --- linear → linear ----------------------------------------------------------------------------
+
+class TwoLinears(nn.Module):
+    def __init__(self, hidden: int = 6, reuse: bool = False) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(8, hidden), nn.Linear(hidden, 5)
+        self.reuse = reuse
+
+    def forward(self, x):
+        y = self.first(x)
+        out = self.second(y)
+        return out + y.sum(-1, keepdim=True) if self.reuse else out
+
+
+@DTYPES
+def test_linear_then_linear_becomes_one_linear(dtype) -> None:
+    gm, result = fuse_checked(TwoLinears(), random_input((3, 4, 8)), compose_linear, dtype)
+    assert result.counts() == {"compose_linear": 1}
+    assert modules_of(gm, nn.Linear) == ["second"]
+    assert gm.get_submodule("second").in_features == 8
+
+
+@pytest.mark.parametrize(("model", "reason"), [
+    pytest.param(TwoLinears(hidden=2), "raise MACs", id="bottleneck-costs-more"),
+    pytest.param(TwoLinears(reuse=True), "also used elsewhere", id="output-reused"),
+])
+def test_linear_pair_that_should_stay_is_declined(model, reason) -> None:
+    result = check_unchanged(model, (3, 4, 8), compose_linear)
+    assert reason in only_reason(result)

@@ -1,0 +1,102 @@
+"""The ops no exact pass merges, listed with the reason, for reports.
+
+Deep Rebirth also merges max pooling and LRN into neighbouring convs, but only by *retraining*
+the merged layer: the result approximates the original. repfuse's default passes rewrite only
+what is mathematically equal, so these ops stay; :func:`not_mergeable` names each one so a report
+can say why the fused model still has them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from repfuse.graph import origin_paths_of
+
+_MAX_POOL = ("max pooling", "max is not linear, so no convolution computes it (Deep Rebirth "
+                            "merges it only by retraining, an approximation)")
+_LRN = ("local response normalization", "it divides by a power of a local sum of squares, "
+                                        "which is not linear")
+_ACTIVATION = ("activation", "it is not linear; only affine ops merge into a conv (the linear "
+                             "layers on either side of it stay separate)")
+
+_MODULES: dict[type, tuple[str, str]] = {
+    **dict.fromkeys((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+                     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), _MAX_POOL),
+    nn.LocalResponseNorm: _LRN,
+    **dict.fromkeys((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU,
+                     nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid,
+                     nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Softmax,
+                     nn.LogSoftmax, nn.Tanhshrink, nn.Threshold), _ACTIVATION),
+}
+_FUNCTIONS: dict[object, tuple[str, str]] = {
+    **dict.fromkeys((F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+                     F.adaptive_max_pool2d, F.adaptive_max_pool3d), _MAX_POOL),
+    F.local_response_norm: _LRN,
+    **dict.fromkeys((F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
+                     F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh,
+                     torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus, F.softmax,
+                     torch.softmax, F.log_softmax, F.prelu), _ACTIVATION),
+}
+_METHODS: dict[str, tuple[str, str]] = dict.fromkeys(
+    ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "softmax", "log_softmax"),
+    _ACTIVATION,
+)
+
+
+@dataclass(frozen=True)
+class NotMergeable:
+    """An op that stays in the fused graph because no exact rewrite removes it."""
+
+    node: str
+    op: str  # e.g. "MaxPool2d", "relu"
+    kind: str  # "max pooling" | "local response normalization" | "activation"
+    reason: str
+    module_paths: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "op": self.op, "kind": self.kind, "reason": self.reason,
+                "module_paths": list(self.module_paths)}
+
+
+def _classify(gm: GraphModule, node: Node) -> tuple[str, tuple[str, str]] | None:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        found = _MODULES.get(type(module))
+        return None if found is None else (type(module).__name__, found)
+    if node.op == "call_function":
+        found = _FUNCTIONS.get(node.target)
+        return None if found is None else (getattr(node.target, "__name__", "?"), found)
+    if node.op == "call_method":
+        found = _METHODS.get(node.target)
+        return None if found is None else (node.target, found)
+    return None
+
+
+def not_mergeable(gm: GraphModule) -> list[NotMergeable]:
+    """Every max pooling, LRN and activation in ``gm``, with why no exact pass merges it."""
+    found = []
+    for node in gm.graph.nodes:
+        classified = _classify(gm, node)
+        if classified is None:
+            continue
+        op, (kind, reason) = classified
+        found.append(NotMergeable(node.name, op, kind, f"{kind} is not mergeable exactly: "
+                                                       f"{reason}", origin_paths_of(node)))
+    return found
+
+
+def summarize(items: list[NotMergeable]) -> list[dict]:
+    """One entry per op: ``{"op", "kind", "count", "reason", "nodes"}``, most frequent first."""
+    by_op: dict[str, list[NotMergeable]] = {}
+    for item in items:
+        by_op.setdefault(item.op, []).append(item)
+    return [
+        {"op": op, "kind": group[0].kind, "count": len(group), "reason": group[0].reason,
+         "nodes": [g.node for g in group]}
+        for op, group in sorted(by_op.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    ]
