@@ -2,7 +2,10 @@
 
 :func:`verify` runs reference and candidate on the same inputs twice: both converted to float64
 (any difference there is the rewrite's, not rounding's), and the candidate in its deployment
-dtype against the float64 reference. See :mod:`repfuse.verify.report` for the report.
+dtype against the float64 reference. Then it localizes: activations compared in float64 name
+the first rewrite (or module) that diverges (:mod:`repfuse.verify.localize`). Inputs:
+:mod:`repfuse.verify.inputs`; the report: :mod:`repfuse.verify.report`, rendered by
+:mod:`repfuse.verify.render`.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from repfuse.capture import ExampleInputs, as_input_tuple
-from repfuse.errors import VerificationError
+from repfuse.errors import RepfuseError, VerificationError
 from repfuse.verify.compare import (
     ErrorMetrics,
     Tolerance,
     default_tolerance,
 )
+from repfuse.verify.inputs import InputSet, load_batches, random_batches
+from repfuse.verify.localize import NONE, Localization, localize
 from repfuse.verify.report import (
     SCHEMA_VERSION,
     EquivalenceReport,
@@ -38,25 +43,6 @@ def deploy_dtype_of(model: nn.Module, inputs: tuple[Tensor, ...]) -> torch.dtype
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.get_default_dtype()
-
-
-def random_batches(
-    example: tuple[Tensor, ...], batches: int, seed: int
-) -> list[tuple[Tensor, ...]]:
-    """``example`` itself, then ``batches - 1`` seeded N(0, 1) batches of the same shapes.
-
-    Batch ``i >= 1`` is drawn from a generator seeded with ``1000·seed + i``, a stream of its
-    own, so it differs from an example input drawn with ``seed`` itself.
-    """
-    out = [example]
-    for index in range(1, batches):
-        generator = torch.Generator().manual_seed(1000 * seed + index)
-        out.append(tuple(
-            torch.randn(t.shape, generator=generator, dtype=F64).to(t.dtype).to(t.device)
-            if t.is_floating_point() else t
-            for t in example
-        ))
-    return out
 
 
 @contextmanager
@@ -131,7 +117,7 @@ def _compare_run(
 def verify(
     reference: nn.Module,
     candidate: nn.Module,
-    example_inputs: ExampleInputs,
+    example_inputs: ExampleInputs | None = None,
     *,
     batches: int = 3,
     seed: int = 0,
@@ -139,21 +125,29 @@ def verify(
     atol: float | None = None,
     reference_name: str = "reference",
     candidate_name: str = "candidate",
+    distribution: str = "normal",
+    inputs: InputSet | Sequence[ExampleInputs] | None = None,
+    localize_divergence: bool = True,
 ) -> EquivalenceReport:
     """Compare ``candidate`` with ``reference`` in float64 and in the deployment dtype.
 
-    Inputs: ``example_inputs`` and ``batches - 1`` more seeded normal batches of its shapes.
-    Floating inputs are rounded to the deployment dtype first, so both runs see the same
-    values. Tolerances default per deployment dtype
+    Inputs: ``example_inputs`` and ``batches - 1`` more seeded batches of its shapes drawn from
+    ``distribution`` (``normal`` or ``uniform``), or the user's own ``inputs`` (an
+    :class:`~repfuse.verify.inputs.InputSet` or a list of batches, each a tensor or a tuple of
+    tensors), which then replace them. Floating inputs are rounded to the deployment dtype
+    first, so both runs see the same values. Tolerances default per deployment dtype
     (:data:`repfuse.verify.compare.DEFAULT_TOLERANCES`; ``rtol``/``atol`` override them) and
     apply to both runs: a float32 model's fused weights carry float32 rounding even in float64.
-    Exactness to 1e-10 is therefore checked on float64 models. Neither model is modified.
+    Exactness to 1e-10 is therefore checked on float64 models.
+
+    With ``localize_divergence`` the report also names the first rewrite (or module) whose
+    output diverges, from activations compared in float64 (:func:`localize`). Neither model is
+    modified.
     """
-    if batches < 1:
-        raise VerificationError("batches must be at least 1")
-    example = as_input_tuple(example_inputs)
+    input_set = _input_set(example_inputs, inputs, batches, seed, distribution)
+    example = input_set.batches[0]
     dtype = deploy_dtype_of(candidate, example)
-    inputs = [_cast(b, dtype) for b in random_batches(example, batches, seed)]
+    inputs = [_cast(b, dtype) for b in input_set.batches]
     inputs64 = [_cast(b, F64) for b in inputs]
 
     truth = _stacked_outputs(_to_float64(reference), inputs64, "reference (float64)")
@@ -167,14 +161,45 @@ def verify(
             cand = _stacked_outputs(candidate, inputs, f"candidate ({dtype})")
             base = _stacked_outputs(reference, inputs, f"reference ({dtype})")
         runs.append(_compare_run(dtype, tol, truth, cand, base))
+    located = None
+    if localize_divergence:
+        try:
+            located = localize(reference, candidate, inputs64, tol)
+        except RepfuseError as exc:  # the verdict above stands; say why nothing is localized
+            located = Localization(NONE, tol, note=f"localization failed: {exc}")
     return EquivalenceReport(
         reference=reference_name,
         candidate=candidate_name,
         deploy_dtype=str(dtype).removeprefix("torch."),
         runs=runs,
-        inputs={"batches": batches, "seed": seed, "source": "example + seeded normal",
-                "shapes": [list(t.shape) for t in example]},
+        inputs=input_set.describe(),
+        localization=located,
     )
+
+
+def _input_set(
+    example_inputs: ExampleInputs | None,
+    inputs: InputSet | Sequence[ExampleInputs] | None,
+    batches: int,
+    seed: int,
+    distribution: str,
+) -> InputSet:
+    if inputs is not None:
+        if isinstance(inputs, InputSet):
+            given = inputs
+        else:
+            given = InputSet([as_input_tuple(b) for b in inputs], "batches given")
+        if not given.batches:
+            raise VerificationError("no input batches to verify on")
+        return given
+    if example_inputs is None:
+        raise VerificationError("give example_inputs or inputs")
+    if batches < 1:
+        raise VerificationError("batches must be at least 1")
+    example = as_input_tuple(example_inputs)
+    drawn = random_batches(example, batches, seed, distribution)
+    return InputSet(drawn, f"example + seeded {distribution}", seed=seed,
+                    distribution=distribution)
 
 
 def _override(base: Tolerance, rtol: float | None, atol: float | None) -> Tolerance:
@@ -182,4 +207,7 @@ def _override(base: Tolerance, rtol: float | None, atol: float | None) -> Tolera
                      atol=base.atol if atol is None else atol)
 
 
-__all__ = ["SCHEMA_VERSION", "EquivalenceReport", "ErrorMetrics", "Tolerance", "verify"]
+__all__ = [
+    "SCHEMA_VERSION", "EquivalenceReport", "ErrorMetrics", "InputSet", "Localization",
+    "Tolerance", "load_batches", "localize", "random_batches", "verify",
+]

@@ -5,9 +5,26 @@ All metrics are computed in float64 over every element of every batch:
 - ``max_abs = max|a − b|``; ``max_rel = max|a − b| / max|a|`` (relative to the reference's
   largest magnitude, so near-zero elements do not blow it up);
 - ``mean_abs``; ``cosine`` similarity of the flattened outputs; ``sqnr_db =
-  10·log10(Σa² / Σ(a − b)²)`` (``inf`` when equal).
+  10·log10(Σa² / Σ(a − b)²)`` (``inf`` when equal);
+- ``p50_abs``, ``p90_abs``, ``p99_abs``: percentiles of ``|a − b|`` (linear interpolation
+  between order statistics, as numpy's default); with ``max_abs`` they show whether an error is
+  everywhere or in a few elements (a border, one channel).
 
-A candidate passes when ``max_abs ≤ atol + rtol·max|a|``.
+A candidate passes when ``max_abs ≤ atol + rtol·max|a|``. Default tolerances per deployment
+dtype (:data:`DEFAULT_TOLERANCES`; ``rtol`` is relative to the largest reference magnitude):
+
+==========  =======  =======
+dtype       rtol     atol
+==========  =======  =======
+float64     1e-10    1e-12
+float32     1e-5     1e-6
+float16     1e-2     1e-3
+bfloat16    5e-2     1e-2
+==========  =======  =======
+
+float64 checks that a rewrite is exact up to rounding; float32 allows a few ulps of the
+largest value accumulated over a layer's reduction; float16 (10-bit mantissa, ulp ≈ 1e-3) and
+bfloat16 (7-bit mantissa, ulp ≈ 8e-3) allow that precision's own rounding through a network.
 """
 
 from __future__ import annotations
@@ -61,6 +78,9 @@ class ErrorMetrics:
     cosine: float
     sqnr_db: float
     ref_max_abs: float
+    p50_abs: float = 0.0
+    p90_abs: float = 0.0
+    p99_abs: float = 0.0
 
     @classmethod
     def between(cls, reference: Tensor, candidate: Tensor) -> ErrorMetrics:
@@ -75,6 +95,7 @@ class ErrorMetrics:
             return cls(0.0, 0.0, 0.0, 1.0, math.inf, 0.0)
         diff = (ref - out).abs()
         max_abs = _finite_max(diff)
+        p50, p90, p99 = percentiles(diff, (0.5, 0.9, 0.99))
         ref_max = float(ref.abs().max())
         signal = float((ref * ref).sum())
         noise = float((diff * diff).sum())
@@ -86,6 +107,7 @@ class ErrorMetrics:
             sqnr_db=math.inf if noise == 0 else 10 * math.log10(signal / noise)
             if signal > 0 else -math.inf,
             ref_max_abs=ref_max,
+            p50_abs=p50, p90_abs=p90, p99_abs=p99,
         )
 
     def to_dict(self) -> dict:
@@ -97,6 +119,23 @@ def _finite_max(diff: Tensor) -> float:
     if bool(torch.isnan(diff).any()):
         return math.inf
     return float(diff.max())
+
+
+def percentiles(values: Tensor, quantiles: tuple[float, ...]) -> tuple[float, ...]:
+    """Quantiles of a 1-D tensor by linear interpolation (numpy's default); NaN counts as inf.
+
+    Sorts once (``torch.quantile`` refuses tensors of more than 2**24 elements).
+    """
+    ordered = torch.nan_to_num(values, nan=math.inf).sort().values
+    last = ordered.numel() - 1
+    out = []
+    for q in quantiles:
+        position = q * last
+        low = math.floor(position)
+        high = min(low + 1, last)
+        lo, hi = float(ordered[low]), float(ordered[high])
+        out.append(lo if hi == lo else lo + (hi - lo) * (position - low))
+    return tuple(out)
 
 
 def _ratio(num: float, den: float) -> float:

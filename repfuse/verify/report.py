@@ -1,13 +1,15 @@
-"""The equivalence report: one object, rendered as JSON (versioned) or a terminal table.
+"""The equivalence report: one object, rendered as JSON (versioned), a terminal table,
+Markdown or HTML (:mod:`repfuse.verify.render`).
 
-JSON schema (``schema_version`` 1)::
+JSON schema (``schema_version`` 2)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "passed": bool,
       "reference": str, "candidate": str,
       "deploy_dtype": "float32",
-      "inputs": {"batches": int, "shapes": [[...], ...], "seed": int, "source": str},
+      "inputs": {"batches": int, "shapes": [[...], ...], "seed": int | null, "source": str,
+                 "distribution": "normal" | "uniform" | null},
       "runs": [
         {"dtype": "float64" | deploy dtype,
          "tolerance": {"rtol": float, "atol": float},
@@ -15,9 +17,20 @@ JSON schema (``schema_version`` 1)::
          "min_rtol_to_pass": float,
          "outputs": [{"name": str, "shape": [...], "passed": bool,
                       "metrics": {"max_abs", "max_rel", "mean_abs", "cosine", "sqnr_db",
-                                  "ref_max_abs"},
+                                  "ref_max_abs", "p50_abs", "p90_abs", "p99_abs"},
                       "baseline": {...same keys...} | null}]}
-      ]
+      ],
+      "first_divergence": null | {"kind": "rewrite" | "node" | "module" | "output",
+                                  "pass": str | null, "node": str, "reference_node": str,
+                                  "module_paths": [str], "max_abs": float, "max_rel": float},
+      "localization": null | {"method": "provenance" | "module_paths" | "none",
+                              "dtype": "float64", "tolerance": {"rtol", "atol"},
+                              "compared": int, "note": str},
+      "rewrites": [{"pass": str, "node": str, "reference_node": str, "module_paths": [str],
+                    "max_abs": float, "max_rel": float, "passed": bool,
+                    "includes": ["pass:node", ...]}],
+      "modules": [{"module": str, "call": int, "max_abs": float, "max_rel": float,
+                   "passed": bool, "same_structure": bool}]
     }
 
 The float64 run compares reference and candidate both converted to float64. The deploy-dtype
@@ -25,6 +38,22 @@ run compares the candidate in its own dtype against the float64 reference; its `
 the unfused reference in that dtype against the same float64 reference, so a reader can tell
 the dtype's own rounding from error the rewrite added. Non-finite numbers are the strings
 ``"inf"``, ``"-inf"``, ``"nan"``.
+
+Localization (:mod:`repfuse.verify.localize`) runs in float64 with the report's tolerance.
+``rewrites`` lists, in the fused graph's topological order, each rewrite whose output is a node
+of the fused graph, its error against the reference node it stands for (``includes``: earlier
+rewrites folded into it); ``modules`` lists module outputs compared by path, for models
+repfuse did not make (``same_structure``: same class and parameter shapes in both, the only
+modules expected to match; a conv before its BatchNorm and the conv with it folded in differ
+by design). ``first_divergence`` is null when everything compared is within tolerance;
+otherwise it names the first diverging rewrite (``kind`` "rewrite", with its ``pass`` and the
+original ``module_paths`` it replaced), an unrewritten node both graphs share ("node"), a
+same-structure module ("module", with the reference modules upstream of it since the last
+matching one as ``module_paths``), or, when nothing inside diverges, the first failing output
+("output"). With module paths, a divergence is reported only when the outputs differ.
+
+Version history: 1 had no ``first_divergence``, ``localization``, ``rewrites``, ``modules``,
+``inputs.distribution`` or percentiles.
 """
 
 from __future__ import annotations
@@ -33,8 +62,9 @@ import json
 from dataclasses import dataclass, field
 
 from repfuse.verify.compare import ErrorMetrics, Tolerance, json_float, min_rtol_to_pass
+from repfuse.verify.localize import MODULE_PATHS, Localization
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -90,10 +120,30 @@ class EquivalenceReport:
     deploy_dtype: str
     runs: list[RunComparison]
     inputs: dict = field(default_factory=dict)
+    localization: Localization | None = None
 
     @property
     def passed(self) -> bool:
         return all(run.passed for run in self.runs)
+
+    @property
+    def first_divergence(self) -> dict | None:
+        """Where the candidate first departs from the reference (None when nothing does).
+
+        Holds ``pass``, ``node`` and ``module_paths`` (see the module docstring).
+        """
+        located = self.localization.first if self.localization is not None else None
+        if located is not None and not (self.localization.method == MODULE_PATHS
+                                        and self.passed):
+            return located.divergence()
+        for run in self.runs:
+            for output in run.outputs:
+                if not output.passed:
+                    return {"kind": "output", "pass": None, "node": output.name,
+                            "reference_node": output.name, "module_paths": [],
+                            "max_abs": json_float(output.metrics.max_abs),
+                            "max_rel": json_float(output.metrics.max_rel), "run": run.dtype}
+        return None
 
     def run(self, dtype: str) -> RunComparison:
         for run in self.runs:
@@ -110,11 +160,16 @@ class EquivalenceReport:
         return self.run(self.deploy_dtype)
 
     def to_dict(self) -> dict:
+        loc = self.localization
         return {
             "schema_version": SCHEMA_VERSION, "passed": self.passed,
             "reference": self.reference, "candidate": self.candidate,
             "deploy_dtype": self.deploy_dtype, "inputs": self.inputs,
             "runs": [run.to_dict() for run in self.runs],
+            "first_divergence": self.first_divergence,
+            "localization": None if loc is None else loc.to_dict(),
+            "rewrites": [] if loc is None else [c.to_dict() for c in loc.rewrites],
+            "modules": [] if loc is None else [c.to_dict() for c in loc.modules],
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -132,4 +187,40 @@ class EquivalenceReport:
                 f"{worst.max_abs:.3e}  SQNR {worst.sqnr_db:.1f} dB  (rtol {run.tolerance.rtol:g}, "
                 f"atol {run.tolerance.atol:g}; passes with rtol >= {run.min_rtol_to_pass:.3e})"
             )
+        lines.extend(divergence_lines(self.to_dict()))
         return lines
+
+
+def divergence_lines(data: dict) -> list[str]:
+    """The localization verdict of a report dict in a line or two."""
+    located = data.get("localization")
+    first = data.get("first_divergence")
+    lines = []
+    if first is not None:
+        where = {"rewrite": f"rewrite {first['pass']} at node '{first['node']}'",
+                 "node": f"node '{first['node']}' (not rewritten)",
+                 "module": f"module '{first['node']}'",
+                 "output": f"{first['node']} (nothing compared inside diverges)"}[first["kind"]]
+        paths = ", ".join(first["module_paths"])
+        label = "suspects" if first["kind"] == "module" else "original modules"
+        lines.append(f"  first divergence: {where}"
+                     + (f", {label} {paths}" if paths else "")
+                     + f": max rel {_number(first['max_rel'])}")
+        if data.get("passed"):
+            lines.append("  (the outputs still match on these inputs: the difference is masked "
+                         "downstream, e.g. by a ReLU, and may show on other inputs)")
+    elif located is not None and located["method"] == "provenance":
+        lines.append(f"  localized by provenance: {located['compared']} activations compared "
+                     "in float64, all within tolerance")
+    elif located is not None and located["method"] == "module_paths":
+        differ = sum(1 for m in data.get("modules", []) if not m["passed"])
+        lines.append(f"  localized by module paths: {located['compared']} module outputs "
+                     f"compared in float64; {differ} differ where the models' structure "
+                     "differs, none where it is the same")
+    if located is not None and located.get("note"):
+        lines.append(f"  note: {located['note']}")
+    return lines
+
+
+def _number(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.3e}"

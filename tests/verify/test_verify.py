@@ -226,7 +226,7 @@ def test_report_is_json_with_schema_version():
     report = repfuse.verify(model, repfuse.fuse(model, x), x)
     data = json.loads(report.to_json())
     assert data == json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert data["schema_version"] == SCHEMA_VERSION == 1
+    assert data["schema_version"] == SCHEMA_VERSION == 2
     assert data["passed"] is True
     assert [r["dtype"] for r in data["runs"]] == ["float64", "float32"]
     deploy = data["runs"][1]["outputs"][0]
