@@ -1,29 +1,63 @@
-"""Capture: an eval-mode copy of a model as a torch.fx GraphModule, with shapes on its nodes.
+"""Capture: an eval-mode copy of a model as torch.fx graphs, with shapes on their nodes.
 
-The user's model is never touched: it is deep-copied, put in eval mode, and traced with
-``torch.fx`` symbolic tracing. Standard ``torch.nn`` layers stay leaf calls; custom modules are
-traced through, so a drop-path module that returns its input in eval mode disappears here.
-Shape propagation on the example inputs then records ``node.meta['tensor_meta']``.
+The user's model is never touched: it is deep-copied and put in eval mode. Then:
 
-A model that cannot be traced gets a :class:`CaptureError` naming the innermost submodule whose
-tracing failed.
+1. **Symbolic tracing** with ``torch.fx``. Standard ``torch.nn`` layers stay leaf calls, and so do
+   BatchNorm subclasses that keep BatchNorm's forward; custom modules are traced through, so a
+   drop-path module that returns its input in eval mode disappears here.
+2. **Shape-specialized tracing**, when (1) fails: the same tracer, but every proxy also carries
+   the value it has on the example inputs, so Python code asking for a *shape, dtype or device*
+   (``if x.shape[-1] == 7``, ``for i in range(x.size(1))``, ``assert x.dim() == 4``,
+   ``len(x)``) gets the concrete answer. Every such decision is recorded, and the graph then
+   starts with ``torch._assert`` checks that its inputs have the example's shapes, so a fused
+   model never silently runs a branch chosen for another shape. Branches on tensor *values*
+   still fail.
+3. **Partial capture** (:func:`capture`), when the model's own forward cannot be traced (a
+   branch on values such as an early exit, an assert on values): that forward stays eager
+   Python, and its submodules are captured the same way, recursively. A module whose forward
+   traces becomes a GraphModule (its untraceable children are called from it as opaque
+   modules, and captured in turn); a module not run on the example input is kept as it is (no
+   shapes to fuse it with, no run to verify it with). Every module kept eager is reported with
+   the reason.
+
+Shape propagation on the example inputs records ``node.meta['tensor_meta']``.
+
+Before tracing, the model is checked: quantized modules, tensors on the meta device and
+example inputs on another device than the model are refused with one-line errors; forward
+hooks (which a graph does not run) are removed from the copy, with a warning.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import inspect
+import math
+import operator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule, Interpreter, Node, Tracer
-from torch.fx.node import map_aggregate
+from torch.fx import GraphModule, Interpreter, Node, Proxy, Tracer
+from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.proxy import Attribute, TraceError
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_map
 
 from repfuse.errors import CaptureError, RepfuseError
 
 ExampleInputs = Tensor | Sequence[Tensor]
+
+# Attribute on a captured (and fused) model holding its CaptureInfo; survives copy and pickle.
+CAPTURE_ATTR = "_repfuse_capture"
+
+
+class RepfuseWarning(UserWarning):
+    """Something the user should know about a conversion that still goes ahead."""
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
@@ -39,47 +73,511 @@ def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
     )
 
 
-class _LocatingTracer(Tracer):
-    """An fx tracer that remembers the innermost module whose tracing raised."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    if isinstance(exc, TraceError) and text:
+        return text[0]  # our own tracer's words
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
-    def __init__(self) -> None:
+
+# --- what the result says about itself -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SkippedModule:
+    """A module whose own forward was kept as eager Python, and why."""
+
+    path: str  # '' for the model itself
+    kind: str  # its class name
+    reason: str
+
+    def describe(self) -> str:
+        return f"'{self.path}' ({self.kind})" if self.path else f"the model ({self.kind})"
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "module": self.kind, "reason": self.reason}
+
+
+@dataclass
+class CaptureInfo:
+    """How a model was captured: its traced parts, the modules kept eager, the decisions fixed
+    to the example input's shapes, the hooks dropped."""
+
+    parts: list[str] = field(default_factory=list)  # paths of traced GraphModules ('' = all)
+    skipped: list[SkippedModule] = field(default_factory=list)
+    specialized: list[str] = field(default_factory=list)
+    dropped_hooks: list[str] = field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        """True when some forward code stays eager (the model is not one GraphModule)."""
+        return bool(self.skipped)
+
+    def to_dict(self) -> dict:
+        return {
+            "partial": self.partial,
+            "parts": list(self.parts),
+            "skipped": [s.to_dict() for s in self.skipped],
+            "specialized": list(self.specialized),
+            "dropped_hooks": list(self.dropped_hooks),
+        }
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        if self.partial:
+            traced = ", ".join(f"'{p}'" for p in self.parts) or "none"
+            lines.append(f"partial capture: traced and fused {len(self.parts)} part(s) "
+                         f"({traced}); kept {len(self.skipped)} eager:")
+            lines += [f"  {s.describe()}: {s.reason}" for s in self.skipped]
+        if self.specialized:
+            lines.append("specialized to the example input's shapes (the fused model checks "
+                         "them):")
+            lines += [f"  {decision}" for decision in self.specialized]
+        if self.dropped_hooks:
+            lines.append("dropped forward hooks of: " + ", ".join(self.dropped_hooks))
+        return lines
+
+
+def capture_info(model: nn.Module) -> CaptureInfo | None:
+    """What :func:`capture` recorded about ``model`` (or the fused model made from it)."""
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and CAPTURE_ATTR in meta:
+        return meta[CAPTURE_ATTR]
+    return getattr(model, CAPTURE_ATTR, None)
+
+
+# --- checks before anything is traced -------------------------------------------------------
+
+_QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.nn.quantized",
+                       "torch.ao.nn.intrinsic.quantized", "torch.nn.intrinsic.quantized",
+                       "torch.ao.nn.sparse.quantized")
+
+
+def check_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    """Refuse what cannot be fused exactly or at all, with a one-line reason."""
+    for path, module in model.named_modules():
+        if type(module).__module__.startswith(_QUANTIZED_PACKAGES):
+            raise CaptureError(
+                f"'{path or type(model).__name__}' ({type(module).__name__}) is a quantized "
+                "module: repfuse fuses float models; fuse before quantizing"
+            )
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in tensors:
+        if tensor.is_quantized:
+            raise CaptureError(f"'{name}' is a quantized tensor: repfuse fuses float models; "
+                               "fuse before quantizing")
+        if tensor.is_meta:
+            raise CaptureError(
+                f"'{name}' is on the meta device: the model has no weights to fold; load them "
+                "first (e.g. model.load_state_dict(state, assign=True))"
+            )
+    for index, tensor in enumerate(inputs):
+        if tensor.is_meta or tensor.is_quantized:
+            what = "on the meta device" if tensor.is_meta else "quantized"
+            raise CaptureError(f"example input {index} is {what}: give a real float tensor")
+    devices = {tensor.device for _, tensor in tensors}
+    for index, tensor in enumerate(inputs):
+        if devices and tensor.device not in devices:
+            held = ", ".join(sorted(str(d) for d in devices))
+            raise CaptureError(f"the model is on {held} but example input {index} is on "
+                               f"{tensor.device}: move them to one device")
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+               "_backward_pre_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks_with_kwargs")
+
+
+def drop_hooks(model: nn.Module) -> list[str]:
+    """Remove the hooks of every module of ``model`` (a copy); return the paths that had any."""
+    paths = []
+    for path, module in model.named_modules():
+        if any(getattr(module, name, None) for name in _HOOK_DICTS):
+            paths.append(f"'{path}'" if path else "the model")
+            for name in _HOOK_DICTS + _HOOK_FLAGS:
+                hooks = getattr(module, name, None)
+                if hooks:
+                    hooks.clear()
+    return paths
+
+
+def _prepare(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[nn.Module, list[str]]:
+    if not isinstance(model, nn.Module):
+        raise RepfuseError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, inputs)
+    work = copy.deepcopy(model).eval()
+    hooks = drop_hooks(work)
+    if hooks:
+        shown = ", ".join(hooks[:5]) + (f" and {len(hooks) - 5} more" if len(hooks) > 5 else "")
+        warnings.warn(
+            f"hooks on {shown} are not part of the traced graph and are dropped: the fused "
+            "model does not run them", RepfuseWarning, stacklevel=3,
+        )
+    return work, hooks
+
+
+# --- tracing ----------------------------------------------------------------------------------
+
+
+def _keeps_batchnorm_forward(module: nn.Module) -> bool:
+    """A BatchNorm (subclass) that computes what BatchNorm computes: a leaf, foldable as one."""
+    return isinstance(module, _BatchNorm) and type(module).forward in (
+        _BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+class _TraceFailure(Exception):
+    """Tracing failed in the code of the module at ``path`` ('' = the traced module itself)."""
+
+    def __init__(self, path: str, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.kind, self.reason = path, kind, reason
+
+    def message(self) -> str:
+        where = f"submodule '{self.path}' ({self.kind})" if self.path else \
+            f"the forward of {self.kind}"
+        return f"cannot trace {where} with torch.fx: {self.reason}"
+
+
+class _Tracer(Tracer):
+    """An fx tracer that keeps ``opaque`` submodules as calls and locates failures."""
+
+    def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
         super().__init__()
+        self.opaque = opaque
         self.failed_module: tuple[str, str] | None = None
 
-    def call_module(self, m: nn.Module, forward, args, kwargs):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (module_qualified_name in self.opaque or _keeps_batchnorm_forward(m)
+                or super().is_leaf_module(m, module_qualified_name))
+
+    def call_module(self, m, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
-            if self.failed_module is None:
+            if self.failed_module is None:  # the innermost module: its own code failed
                 self.failed_module = (self.path_of_module(m), type(m).__name__)
             raise
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+_UNKNOWN = object()
+# Methods and attributes that read a tensor's metadata, not its values.
+_METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device",
+                     "is_floating_point", "is_complex", "element_size", "is_contiguous"}
+_METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_sparse",
+                        "is_quantized", "is_meta"}
+_SCALAR_FUNCTIONS = {f for f in vars(operator).values() if callable(f)} | {
+    f for f in vars(math).values() if callable(f)}
+_SYMBOLS = {operator.eq: "==", operator.ne: "!=", operator.lt: "<", operator.le: "<=",
+            operator.gt: ">", operator.ge: ">=", operator.add: "+", operator.sub: "-",
+            operator.mul: "*", operator.floordiv: "//", operator.truediv: "/",
+            operator.mod: "%"}
 
 
-def symbolic_trace(model: nn.Module) -> GraphModule:
-    """fx-trace ``model`` (already a copy); raise :class:`CaptureError` naming the culprit."""
-    tracer = _LocatingTracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        if tracer.failed_module is not None:
-            path, kind = tracer.failed_module
-            where = f"submodule '{path}' ({kind})"
-        else:
-            where = f"the forward of {type(model).__name__}"
-        raise CaptureError(
-            f"cannot trace {where} with torch.fx: {_first_line(exc)}"
-        ) from exc
+class _ConcreteProxy(Proxy):
+    """A proxy whose length and integer value can be asked for (the tracer answers)."""
+
+    def __getattr__(self, k: str) -> _ConcreteAttribute:
+        return _ConcreteAttribute(self, k)
+
+    def __len__(self) -> int:
+        return self.tracer.length(self)
+
+    def __index__(self) -> int:
+        return self.tracer.to_int(self)
+
+    def __int__(self) -> int:
+        return self.tracer.to_int(self)
+
+
+class _ConcreteAttribute(_ConcreteProxy, Attribute):
+    pass
+
+
+class _SpecializingTracer(_Tracer):
+    """An fx tracer whose proxies know their values on the example inputs.
+
+    Every recorded node is also run on concrete values. Python control flow that depends only
+    on metadata (shapes, dtypes, devices, non-tensor arguments) is resolved with those values
+    and the decision recorded in :attr:`decisions`; control flow on tensor values still fails.
+    """
+
+    def __init__(self, inputs: Sequence[Any], opaque: frozenset[str] = frozenset()) -> None:
+        super().__init__(opaque)
+        self.inputs = [t.clone() if isinstance(t, Tensor) else t for t in inputs]
+        self.values: dict[Node, Any] = {}
+        self.metadata: set[Node] = set()
+        self.decisions: list[tuple[str, str]] = []  # (module path, what was decided)
+        self._placeholders = 0
+        self._evaluating = False
+
+    # Calls the concrete evaluation makes must run for real, not be recorded.
+    def call_module(self, m, forward, args, kwargs):
+        if self._evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def proxy(self, node: Node) -> Proxy:
+        return _ConcreteProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind != "output":
+            self.values[node] = self._evaluate(node)
+            if self._is_metadata(node):
+                self.metadata.add(node)
+        return node
+
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        self._evaluating = True
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self._evaluating = False
+
+    def _evaluate(self, node: Node) -> Any:
+        if node.op == "placeholder":
+            index, self._placeholders = self._placeholders, self._placeholders + 1
+            if index < len(self.inputs):
+                return self.inputs[index]
+            return node.args[0] if node.args else _UNKNOWN
+        if node.op == "get_attr":
+            with self._running():  # module attribute access is patched while tracing
+                value = self._fetch(node.target)
+            return value.detach().clone() if isinstance(value, Tensor) else value
+        unknown = False
+
+        def value_of(arg: Node) -> Any:
+            nonlocal unknown
+            value = self.values.get(arg, _UNKNOWN)
+            unknown = unknown or value is _UNKNOWN
+            return value
+
+        args, kwargs = map_arg((node.args, node.kwargs), value_of)
+        if unknown:
+            return _UNKNOWN
+        try:
+            with self._running():
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                if node.op == "call_module":
+                    return self.root.get_submodule(node.target)(*args, **kwargs)
+        except Exception:
+            return _UNKNOWN  # the tracer goes on symbolically; asking this value will fail
+        return _UNKNOWN
+
+    def _fetch(self, target: str) -> Any:
+        value: Any = self.root
+        for part in target.split("."):
+            value = getattr(value, part, _UNKNOWN)
+            if value is _UNKNOWN:
+                return _UNKNOWN
+        return value
+
+    def _is_metadata(self, node: Node) -> bool:
+        """True when the node's value depends on shapes/dtypes/devices only, not on values."""
+        if node.op == "placeholder":
+            value = self.values[node]
+            return value is not _UNKNOWN and not isinstance(value, Tensor)
+        if node.op == "call_method":
+            return node.target in _METADATA_METHODS
+        if node.op != "call_function":
+            return False
+        if node.target is getattr:
+            return len(node.args) >= 2 and node.args[1] in _METADATA_ATTRIBUTES
+        if node.target in _SCALAR_FUNCTIONS or node.target in (len, int, float, bool, min, max):
+            inputs = node.all_input_nodes
+            return bool(inputs) and all(n in self.metadata for n in inputs)
+        return False
+
+    def _known(self, obj: Proxy) -> tuple[Node, Any]:
+        node = obj.node
+        return node, self.values.get(node, _UNKNOWN)
+
+    def _spell(self, node: Node) -> str:
+        return _expression(node, self.metadata)
+
+    def _decide(self, node: Node, what: str, value: Any) -> None:
+        scope = next(reversed(self.module_stack.values()), None) if self.module_stack else None
+        path = scope[0] if scope else ""
+        self.decisions.append((path, f"{what} {self._spell(node)} is {value!r}"))
+
+    def to_bool(self, obj: Proxy) -> bool:
+        node, value = self._known(obj)
+        if node in self.metadata and value is not _UNKNOWN:
+            self._decide(node, "branch on", bool(value))
+            return bool(value)
+        if node in self.metadata:
+            raise TraceError(f"control flow on {self._spell(node)}, which could not be "
+                             "computed on the example input")
+        raise TraceError(f"control flow depends on tensor values ({self._spell(node)})")
+
+    def to_int(self, obj: Proxy) -> int:
+        node, value = self._known(obj)
+        if node in self.metadata and value is not _UNKNOWN:
+            self._decide(node, "Python int", int(value))
+            return int(value)
+        raise TraceError(f"a tensor value is used as a Python int ({self._spell(node)})")
+
+    def length(self, obj: Proxy) -> int:
+        node, value = self._known(obj)
+        if isinstance(value, (Tensor, tuple, list)):
+            if isinstance(value, Tensor) or node in self.metadata:
+                self._decide(node, "len of", len(value))
+            return len(value)
+        raise TraceError(f"len() of an unknown value ({self._spell(node)})")
+
+    def iter(self, obj: Proxy) -> Iterator:
+        node, value = self._known(obj)
+        if isinstance(value, (Tensor, tuple, list)):
+            if isinstance(value, Tensor) or node in self.metadata:
+                self._decide(node, "iteration over", f"{len(value)} items")
+            return iter([obj[i] for i in range(len(value))])
+        return super().iter(obj)
+
+
+def _expression(node: Node, metadata: set[Node], depth: int = 0) -> str:
+    """A short Python-like spelling of a metadata expression, for the report; other nodes (the
+    tensors whose metadata is read) by name."""
+    if depth > 6 or node.op in ("placeholder", "get_attr", "call_module") or (
+            depth > 1 and node not in metadata):
+        return node.name  # the operands of a value-dependent condition are spelled once
+
+    def spell(arg: Any) -> str:
+        return _expression(arg, metadata, depth + 1) if isinstance(arg, Node) else repr(arg)
+
+    args = node.args
+    if node.op == "call_method":
+        rest = ", ".join(spell(a) for a in args[1:])
+        return f"{spell(args[0])}.{node.target}({rest})"
+    if node.target is getattr and len(args) == 2:
+        return f"{spell(args[0])}.{args[1]}"
+    if node.target is operator.getitem and len(args) == 2:
+        return f"{spell(args[0])}[{spell(args[1])}]"
+    if node.target in _SYMBOLS and len(args) == 2:
+        return f"{spell(args[0])} {_SYMBOLS[node.target]} {spell(args[1])}"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{name}({', '.join(spell(a) for a in args)})"
+
+
+@dataclass
+class _Traced:
+    gm: GraphModule
+    decisions: list[tuple[str, str]]  # (module path inside gm, what was decided)
+    opaque: dict[str, str]  # submodule path -> why its own code could not be traced
+
+    def described_decisions(self, path: str = "") -> list[str]:
+        """The decisions as report lines, module paths taken from ``path``."""
+        lines = []
+        for scope, text in self.decisions:
+            full = _join(path, scope) if scope else path
+            lines.append(f"'{full}': {text}" if full else f"forward: {text}")
+        return lines
+
+
+def _finish(tracer: _Tracer, graph: torch.fx.Graph, name: str) -> GraphModule:
     for node in graph.nodes:
         # Annotations written under `from __future__ import annotations` are strings, which fx
         # turns into globals that torch.save cannot pickle; they carry no information we use.
         if isinstance(node.type, str):
             node.type = None
-    return GraphModule(tracer.root, graph, type(model).__name__)
+    return GraphModule(tracer.root, graph, name)
+
+
+def _trace_once(module: nn.Module, inputs: Sequence[Any] | None,
+                opaque: frozenset[str]) -> _Traced:
+    """Trace symbolically; failing that (and given inputs), specialized to their shapes."""
+    plain = _Tracer(opaque)
+    try:
+        graph = plain.trace(module)
+        return _Traced(_finish(plain, graph, type(module).__name__), [], {})
+    except Exception as exc:
+        failure = exc, plain.failed_module
+    if inputs is not None:
+        tracer = _SpecializingTracer(inputs, opaque)
+        try:
+            graph = tracer.trace(module)
+        except Exception as exc:
+            failure = exc, tracer.failed_module
+        else:
+            _remove_dead_metadata(graph, tracer.metadata)
+            if tracer.decisions:
+                _guard_inputs(graph, tracer)
+            return _Traced(_finish(tracer, graph, type(module).__name__), tracer.decisions, {})
+    exc, located = failure
+    path, kind = located if located is not None else ("", type(module).__name__)
+    raise _TraceFailure(path, kind, _first_line(exc)) from exc
+
+
+def _remove_dead_metadata(graph: torch.fx.Graph, metadata: set[Node]) -> None:
+    """Drop the shape queries whose answers only steered Python (they would count as users)."""
+    for node in reversed(list(graph.nodes)):
+        if node in metadata and node.op != "placeholder" and not node.users:
+            graph.erase_node(node)
+
+
+def _guard_inputs(graph: torch.fx.Graph, tracer: _SpecializingTracer) -> None:
+    """Start the graph with checks that the inputs are those the decisions were made for."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        for node in placeholders:
+            value = tracer.values.get(node, _UNKNOWN)
+            if isinstance(value, Tensor):
+                expected: Any = tuple(value.shape)
+                actual = graph.call_function(getattr, (node, "shape"))
+                what = f"input '{node.name}' of shape {list(expected)}"
+            elif isinstance(value, (bool, int, float, str, type(None))):
+                expected, actual, what = value, node, f"argument '{node.name}' = {value!r}"
+            else:
+                continue
+            same = graph.call_function(operator.eq, (actual, expected))
+            graph.call_function(torch._assert, (
+                same, f"repfuse specialized this model's Python branches to {what}; "
+                      "convert it again for other inputs"))
+
+
+def _trace_largest(module: nn.Module, inputs: Sequence[Any] | None) -> _Traced:
+    """Trace ``module``, keeping as opaque calls the submodules whose own code does not trace.
+
+    Raises :class:`_TraceFailure` (path '') when ``module``'s own forward cannot be traced.
+    """
+    opaque: dict[str, str] = {}
+    while True:
+        try:
+            traced = _trace_once(module, inputs, frozenset(opaque))
+        except _TraceFailure as failure:
+            if not failure.path:
+                raise
+            if failure.path in opaque:  # cannot happen: an opaque module is not traced into
+                raise _TraceFailure("", type(module).__name__, failure.reason) from failure
+            opaque[failure.path] = failure.reason
+            continue
+        traced.opaque = opaque
+        return traced
+
+
+def symbolic_trace(model: nn.Module, inputs: Sequence[Any] | None = None) -> GraphModule:
+    """fx-trace ``model`` (already a copy), specialized to ``inputs``' shapes if need be; raise
+    :class:`CaptureError` naming the innermost culprit."""
+    try:
+        traced = _trace_once(model, inputs, frozenset())
+    except _TraceFailure as failure:
+        raise CaptureError(failure.message()) from failure.__cause__
+    _record(traced.gm, CaptureInfo(parts=[""], specialized=traced.described_decisions()))
+    return traced.gm
+
+
+# --- shapes ---------------------------------------------------------------------------------
 
 
 class _ShapeRecorder(Interpreter):
@@ -110,9 +608,13 @@ class _ShapeRecorder(Interpreter):
         return result
 
 
-def propagate_shapes(gm: GraphModule, inputs: tuple[Tensor, ...]) -> None:
+def _shapes(inputs: Sequence[Any]) -> str:
+    return ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, Tensor))
+
+
+def propagate_shapes(gm: GraphModule, inputs: Sequence[Any]) -> None:
     """Record each node's output shape and dtype in ``node.meta['tensor_meta']``."""
-    shapes = ", ".join(str(list(t.shape)) for t in inputs)
+    shapes = _shapes(inputs)
     try:
         with torch.no_grad():
             _ShapeRecorder(gm).run(*inputs)
@@ -124,16 +626,293 @@ def propagate_shapes(gm: GraphModule, inputs: tuple[Tensor, ...]) -> None:
         ) from exc
 
 
+# --- the public entry points ------------------------------------------------------------------
+
+
+def _record(model: nn.Module, info: CaptureInfo) -> None:
+    """Keep ``info`` in a GraphModule's ``meta`` (survives deepcopy) and in an attribute
+    (survives ``torch.save``, whose loader rebuilds ``meta`` empty but restores attributes)."""
+    if isinstance(model, GraphModule):
+        model.meta[CAPTURE_ATTR] = info
+    setattr(model, CAPTURE_ATTR, info)
+
+
 def trace(model: nn.Module, example_inputs: ExampleInputs) -> GraphModule:
     """An eval-mode GraphModule of a copy of ``model``, with shapes from ``example_inputs``.
 
-    A GraphModule (e.g. a loaded ``.pt2`` program's module) is copied as it is, not re-traced.
+    The whole model must trace (symbolically, or specialized to the example's shapes);
+    otherwise :class:`CaptureError` names the innermost submodule that did not. A GraphModule
+    (e.g. a loaded ``.pt2`` program's module) is copied as it is, not re-traced.
     """
-    if not isinstance(model, nn.Module):
-        raise RepfuseError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
-    work = copy.deepcopy(model).eval()
-    gm = work if isinstance(work, GraphModule) else symbolic_trace(work)
+    work, hooks = _prepare(model, inputs)
+    if isinstance(work, GraphModule):
+        gm = work
+        _record(gm, CaptureInfo(parts=[""]))
+    else:
+        gm = symbolic_trace(work, inputs)
+    capture_info(gm).dropped_hooks = hooks
     gm.eval()
     propagate_shapes(gm, inputs)
     return gm
+
+
+@dataclass
+class Captured:
+    """A captured model: one GraphModule, or an eager module with traced GraphModule parts."""
+
+    module: nn.Module  # its traced parts: parts_of(module)
+    info: CaptureInfo
+
+
+def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
+    """Capture a copy of ``model``: whole if it traces, else its largest traceable parts.
+
+    See the module docstring. The returned module computes what ``model`` computes in eval
+    mode; :attr:`Captured.info` says what was traced, what was kept eager and why.
+    """
+    inputs = as_input_tuple(example_inputs)
+    work, hooks = _prepare(model, inputs)
+    if isinstance(work, GraphModule):
+        work.eval()
+        propagate_shapes(work, inputs)
+        info = CaptureInfo(parts=[""], dropped_hooks=hooks)
+        _record(work, info)
+        return Captured(work, info)
+    partial = _PartialCapture(hooks)
+    module = partial.capture_root(work, inputs)
+    _record(module, partial.info)
+    return Captured(module, partial.info)
+
+
+class _PartialCapture:
+    """Captures a module and, where its forward does not trace, its submodules (recursively)."""
+
+    def __init__(self, hooks: list[str]) -> None:
+        self.info = CaptureInfo(dropped_hooks=hooks)
+        self.calls: dict[int, _Calls] = {}
+        self.done: dict[int, nn.Module] = {}
+
+    def capture_root(self, root: nn.Module, inputs: tuple[Tensor, ...]) -> nn.Module:
+        kind = type(root).__name__
+        try:
+            traced = _trace_largest(root, inputs)
+        except _TraceFailure as failure:
+            self.calls = _record_calls(root, inputs)
+            self.info.skipped.append(SkippedModule("", kind, failure.reason))
+            self._capture_children(root, "")
+            return root
+        gm = traced.gm
+        gm.eval()
+        propagate_shapes(gm, inputs)
+        self._add_part("", traced)
+        if traced.opaque:
+            self.calls = _record_calls(gm, inputs)
+            self._capture_opaque(gm, "", traced.opaque)
+        return gm
+
+    def _add_part(self, path: str, traced: _Traced) -> None:
+        self.info.parts.append(path)
+        self.info.specialized += traced.described_decisions(path)
+
+    def _capture_opaque(self, gm: GraphModule, path: str, opaque: dict[str, str]) -> None:
+        for inner, reason in opaque.items():
+            module = gm.get_submodule(inner)
+            full = _join(path, inner)
+            self.info.skipped.append(SkippedModule(full, type(module).__name__, reason))
+            self.done[id(module)] = module
+            self._capture_children(module, full)
+
+    def _capture_children(self, module: nn.Module, path: str) -> None:
+        for name, child in list(module.named_children()):
+            replacement = self._capture_module(child, _join(path, name))
+            if replacement is not child:
+                setattr(module, name, replacement)
+
+    def _capture_module(self, module: nn.Module, path: str) -> nn.Module:
+        if id(module) in self.done:  # a module shared with an earlier path
+            return self.done[id(module)]
+        result = self._capture_new(module, path)
+        self.done[id(module)] = result
+        return result
+
+    def _capture_new(self, module: nn.Module, path: str) -> nn.Module:
+        kind = type(module).__name__
+        container = isinstance(module, (nn.ModuleList, nn.ModuleDict))
+        if not container and _Tracer().is_leaf_module(module, path):
+            return module  # a plain layer: nothing inside it to fuse
+        calls = self.calls.get(id(module))
+        if calls is None:
+            if self._any_called(module):
+                self._capture_children(module, path)  # a container, e.g. nn.ModuleList
+            else:
+                self.info.skipped.append(SkippedModule(
+                    path, kind, "not run on the example input, so there are no shapes to fuse "
+                                "it with nor a run to verify it: kept as it is"))
+            return module
+        inputs = calls.positional(module)
+        try:
+            if inputs is None:
+                raise _TraceFailure("", kind, "its recorded call does not bind to the parameters "
+                                              "of its forward (*args or **kwargs)")
+            traced = _trace_largest(module, inputs)
+            if traced.decisions and len(calls.shapes) > 1:
+                raise _TraceFailure("", kind, "its trace is specialized to one input shape but "
+                                              "it is called with several")
+            gm = traced.gm
+            gm.eval()
+            propagate_shapes(gm, inputs)
+        except (_TraceFailure, CaptureError) as failure:
+            reason = failure.reason if isinstance(failure, _TraceFailure) else str(failure)
+            self.info.skipped.append(SkippedModule(path, kind, reason))
+            self._capture_children(module, path)
+            return module
+        self._add_part(path, traced)
+        self._capture_opaque(gm, path, traced.opaque)
+        return gm
+
+    def _any_called(self, module: nn.Module) -> bool:
+        return any(id(m) in self.calls for m in module.modules())
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+@dataclass
+class _Calls:
+    """The inputs of a module's first call on the example input, and the shapes of all calls."""
+
+    args: tuple
+    kwargs: dict
+    shapes: set = field(default_factory=set)
+
+    def positional(self, module: nn.Module) -> list[Any] | None:
+        """The first call's arguments in the order of ``forward``'s parameters (the order of
+        a traced graph's placeholders), defaults filled in; None if that is not possible."""
+        try:
+            signature = inspect.signature(module.forward)
+            bound = signature.bind(*self.args, **self.kwargs)
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in signature.parameters.values()):
+            return None
+        bound.apply_defaults()
+        return list(bound.arguments.values())
+
+
+def _record_calls(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[int, _Calls]:
+    """Run ``model`` once and record the inputs of every call of its non-leaf submodules."""
+    calls: dict[int, _Calls] = {}
+    leaf = _Tracer()
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        shapes = tuple(tuple(t.shape) for t in (*args, *kwargs.values())
+                       if isinstance(t, Tensor))
+        seen = calls.get(id(module))
+        if seen is None:
+            cloned = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t,
+                              (args, kwargs))
+            seen = calls[id(module)] = _Calls(*cloned)
+        seen.shapes.add(shapes)
+
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True)
+               for path, m in model.named_modules() if not leaf.is_leaf_module(m, path)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        raise CaptureError(f"running the model on inputs of shape {_shapes(inputs)} failed: "
+                           f"{_first_line(exc)}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+# --- fusing the parts -------------------------------------------------------------------------
+
+
+def parts_of(module: nn.Module) -> list[tuple[str, GraphModule]]:
+    """The traced GraphModule parts of a captured (or fused) module, as ``(path, part)``; the
+    module itself (path '') when it is one GraphModule."""
+    info = capture_info(module)
+    if info is None:
+        return [("", module)] if isinstance(module, GraphModule) else []
+    return [(path, module.get_submodule(path)) for path in info.parts]
+
+
+def fuse_parts(module: nn.Module, run: Callable[[GraphModule], Any]) -> Any:
+    """Run ``run`` (a pipeline: GraphModule -> PassResult) on every traced part, in place.
+
+    Returns the combined :class:`~repfuse.passes.PassResult`, node names and module paths
+    prefixed with the part's path, also recorded as ``repfuse.history(module)``. New
+    parameters keep the ``requires_grad`` flag of the parameters they were made from.
+    """
+    from repfuse.graph import META_KEY
+    from repfuse.passes.base import HISTORY_ATTR, PassResult
+
+    flags = _grad_flags(module)
+    parts = parts_of(module)
+    if len(parts) == 1 and parts[0][0] == "" and not capture_info(module).partial:
+        result = run(module)
+        _keep_requires_grad(module, result, flags, "")
+        return result
+    combined = PassResult(())
+    for path, part in parts:
+        result = run(part)
+        _keep_requires_grad(part, result, flags, path)
+        combined.extend(_prefixed(result, path))
+    if isinstance(module, GraphModule):
+        module.meta[META_KEY] = combined
+    setattr(module, HISTORY_ATTR, combined)
+    return combined
+
+
+def _prefixed(result: Any, path: str) -> Any:
+    """``result`` with node names and module paths seen from the whole model."""
+    if not path:
+        return result
+
+    def full(name: str | None) -> str | None:
+        return None if name is None else _join(path, name)
+
+    rewrites = [replace(r, node=full(r.node), replaced=tuple(map(full, r.replaced)),
+                        module_paths=tuple(map(full, r.module_paths)), module=full(r.module),
+                        detail=f"in '{path}': {r.detail}")
+                for r in result.rewrites]
+    declined = [replace(d, node=full(d.node), module_paths=tuple(map(full, d.module_paths)),
+                        reason=f"in '{path}': {d.reason}")
+                for d in result.declined]
+    return replace(result, rewrites=rewrites, declined=declined)
+
+
+def _grad_flags(module: nn.Module) -> dict[str, bool]:
+    """``requires_grad`` per parameter name and per module path (any of its own parameters)."""
+    flags: dict[str, bool] = {}
+    for path, sub in module.named_modules():
+        own = [p.requires_grad for p in sub.parameters(recurse=False)]
+        if own:
+            flags[path] = any(own)
+    for name, parameter in module.named_parameters():
+        flags[name] = parameter.requires_grad
+    return flags
+
+
+def _keep_requires_grad(part: GraphModule, result: Any, flags: dict[str, bool],
+                        path: str) -> None:
+    """Give each module a rewrite created the flag of the parameters it replaced: trainable
+    if any of them was (all of the model's, when the rewrite names none)."""
+    default = any(flags.values())
+    for rewrite in result.rewrites:
+        if rewrite.module is None:
+            continue
+        try:
+            new = part.get_submodule(rewrite.module)
+        except AttributeError:
+            continue  # replaced again by a later rewrite
+        known = [flags[_join(path, p)] for p in rewrite.module_paths if _join(path, p) in flags]
+        wanted = any(known) if known else default
+        for parameter in new.parameters(recurse=False):
+            parameter.requires_grad_(wanted)

@@ -60,6 +60,9 @@ _BN_FUNCTIONAL_ARGS = {
                               "training", "momentum", "eps", "cudnn_enabled"),
 }
 _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+# BatchNorm modules (and subclasses) whose forward is BatchNorm's own: SyncBatchNorm in eval
+# mode is a BatchNorm too.
+_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 # Key of the provenance record (a repfuse.passes.base.Rewrite) on a rewritten node's meta.
@@ -305,6 +308,8 @@ def batchnorm_view(gm: GraphModule, node: Node) -> BatchNormView | None:
         module = gm.get_submodule(node.target)
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             return None
+        if type(module).forward not in _BN_FORWARDS:
+            return None  # a subclass with its own forward may compute something else
         if len(node.args) != 1 or not isinstance(node.args[0], Node):
             return None
         return BatchNormView(

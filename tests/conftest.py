@@ -12,11 +12,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
 import repfuse
 from repfuse.passes import PassResult
+
+# Property tests (tests/property): "ci" by default; `pytest --hypothesis-profile=long` for the
+# long run. max_examples counts per test.
+settings.register_profile("ci", max_examples=120, deadline=None, print_blob=True)
+settings.register_profile("long", max_examples=2100, deadline=None, print_blob=True)
+settings.load_profile("ci")
 
 F64_RTOL = 1e-10  # a fold computed in float64 on a float64 model
 F32_RTOL = 1e-5  # a float32 fused model against the float64 unfused reference

@@ -352,7 +352,7 @@ class MergeBranches(Pass):
         shape = shape_of(cat)
         if not isinstance(items, (list, tuple)) or shape is None or len(shape) < 3:
             return None
-        if dim % len(shape) != 1:
+        if not isinstance(dim, int) or dim % len(shape) != 1:  # a computed dim stays
             return None
         branches = [
             branch_of(gm, item, cat) if isinstance(item, Node) else None for item in items

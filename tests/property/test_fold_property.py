@@ -10,15 +10,32 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import pytest
 import torch
-from conftest import F64_RTOL, calls_to, modules_of, random_input, reference64, rel_err
-from hypothesis import given, settings
+from conftest import F64_RTOL, calls_to, modules_of, random_input, reference64
+from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repfuse
 from repfuse.models import randomize_bn_stats
+
+
+def assert_close(reference: Tensor, actual: Tensor) -> None:
+    """``max|a - b| <= 1e-10 max|a| + 1e-12``: the absolute term for an all-zero reference (a
+    strided conv that reads only its zero padding)."""
+    error = (reference - actual.double()).abs().max().item()
+    assert error <= F64_RTOL * reference.abs().max().item() + 1e-12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tensors here are tiny: one thread is faster, and much faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -76,7 +93,6 @@ class ConvNormScale(nn.Module):
         return y * self.g if self.g is not None else y
 
 
-@settings(max_examples=25, deadline=None)
 @given(blocks())
 def test_conv_norm_scale_fuses_exactly(block: Block) -> None:
     with torch.random.fork_rng():
@@ -94,7 +110,7 @@ def test_conv_norm_scale_fuses_exactly(block: Block) -> None:
     assert calls_to(fused, operator.mul) == 0
     assert modules_of(fused, nn.Conv1d, nn.Conv2d) == ["conv"]
     with torch.no_grad():
-        assert rel_err(reference64(model, x), fused(x)) <= F64_RTOL
+        assert_close(reference64(model, x), fused(x))
 
 
 class NormConv(nn.Module):
@@ -111,7 +127,6 @@ class NormConv(nn.Module):
         return self.conv(self.bn(x))
 
 
-@settings(max_examples=25, deadline=None)
 @given(blocks())
 def test_norm_before_conv_folds_exactly_unless_zero_padded(block: Block) -> None:
     with torch.random.fork_rng():
@@ -130,4 +145,4 @@ def test_norm_before_conv_folds_exactly_unless_zero_padded(block: Block) -> None
     if not foldable:
         assert "pads with zeros" in history.declined[0].reason
     with torch.no_grad():
-        assert rel_err(reference64(model, x), fused(x)) <= F64_RTOL
+        assert_close(reference64(model, x), fused(x))
