@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -114,27 +115,175 @@ def _default_output(spec: str, loaded) -> Path:
 
 
 def _check_report_path(report: str | None) -> Path | None:
-    if report is None:
-        return None
-    path = Path(report)
-    if path.suffix != ".json":
-        raise RepfuseError(f"unsupported report type '{path.suffix}' for '{report}' (use .json)")
-    return path
+    """The report path, if its extension names a rendering (.json, .md, .html)."""
+    from repfuse.verify.render import check_report_path
+
+    return None if report is None else check_report_path(report)
+
+
+def input_options(command):
+    """Options choosing the inputs verification runs on (see repfuse.verify.inputs)."""
+    options = [
+        click.option("--inputs", "inputs_spec", metavar="FILE|PKG.MOD:FN",
+                     help="Verify on these batches: a .pt/.npy/.npz file of tensors, or a "
+                          "function returning an iterable of batches (e.g. a DataLoader)."),
+        click.option("--max-batches", type=click.IntRange(min=1),
+                     help="Use at most this many batches (of --inputs, or random ones)."),
+        click.option("--distribution", type=click.Choice(["normal", "uniform"]),
+                     default="normal", show_default=True,
+                     help="Random inputs: N(0, 1) or U[0, 1)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _inputs_for(x, module, inputs_spec: str | None, max_batches: int | None, distribution: str):
+    """The example input to trace with and the user's batches (None: seeded random ones)."""
+    from repfuse.convert import example_input
+    from repfuse.verify.inputs import load_batches
+
+    if inputs_spec is None:
+        if distribution != "normal":
+            x = example_input(tuple(x.shape), module, distribution=distribution)
+        return x, None
+    loaded = load_batches(inputs_spec, (x,), max_batches=max_batches, progress=True)
+    first = loaded.batches[0][0]
+    return (first.to(x.dtype) if first.is_floating_point() else first), loaded
+
+
+def _random_count(batches: int, max_batches: int | None) -> int:
+    return batches if max_batches is None else min(batches, max_batches)
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What `convert` writes besides (or instead of) the fused GraphModule."""
+
+    opset: int | None
+    dynamic_batch: bool
+    emit_code: str | None
+    deploy_arch: str | None
+
+
+def export_options(command):
+    """The export options of `convert`, passed to it as one ``exports`` argument."""
+
+    @functools.wraps(command)
+    def wrapper(*args, opset, dynamic_batch, emit_code, deploy_arch, **kwargs):
+        request = ExportRequest(opset, dynamic_batch, emit_code, deploy_arch)
+        return command(*args, exports=request, **kwargs)
+
+    options = [
+        click.option("--opset", type=click.IntRange(min=7), metavar="N",
+                     help="ONNX opset of an .onnx output (default 17)."),
+        click.option("--dynamic-batch", is_flag=True,
+                     help="Make axis 0 a dynamic batch axis in an .onnx, .pt2 or .ts output."),
+        click.option("--emit-code", type=click.Path(file_okay=False), metavar="DIR",
+                     help="Also write the fused model as Python source (model.py) and weights "
+                          "(weights.pt) into DIR; they load without repfuse."),
+        click.option("--deploy-arch", metavar="PKG.MOD:FACTORY",
+                     help="Load the fused weights by structure into this deploy-form model (or "
+                          "a zoo model's deploy form, e.g. repvgg_a0), verify it, and write its "
+                          "state dict to the .pt output."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _check_output(out: Path, exports: ExportRequest, loaded) -> None:
+    """Refuse output types and option combinations that make no sense, before any work."""
+    from repfuse.export import OnnxModel, check_deploy_arch, check_output_path
+
+    if isinstance(loaded.module, OnnxModel):
+        raise RepfuseError(f"'{loaded.path}' is an ONNX model: it runs in onnxruntime and cannot "
+                           "be fused (it can be the REFERENCE of `repfuse verify`)")
+    check_output_path(out)
+    if exports.deploy_arch is not None:
+        if out.suffix != ".pt":
+            raise RepfuseError(f"--deploy-arch writes a state dict: use a .pt output, not '{out}'")
+        check_deploy_arch(exports.deploy_arch)
+    if exports.opset is not None and out.suffix != ".onnx":
+        raise RepfuseError(f"--opset applies to an .onnx output, not '{out}'")
+    if exports.dynamic_batch and out.suffix == ".pt":
+        raise RepfuseError(f"--dynamic-batch applies to .onnx, .pt2 and .ts outputs, not '{out}'")
+
+
+def _check_destinations(*paths: Path | None) -> None:
+    """Refuse outputs in missing or unwritable folders before any work is done."""
+    from repfuse.io import check_destination
+
+    for path in paths:
+        if path is not None:
+            check_destination(path)
+
+
+def _write_outputs(result, reference, x, out: Path, exports: ExportRequest, check,
+                   passed: bool, force: bool) -> bool:
+    """Write ``out`` (and the emitted code); whether verification and every export passed."""
+    from repfuse.export import (
+        DEFAULT_OPSET,
+        EXPORTERS,
+        emit_code,
+        export_deploy_state_dict,
+    )
+    from repfuse.io import save_model
+
+    made = []
+    if exports.deploy_arch is not None:
+        made.append(export_deploy_state_dict(result.fused, x, out, exports.deploy_arch,
+                                             reference=reference, options=check, force=force))
+    elif out.suffix in EXPORTERS:
+        extra = {"opset": exports.opset or DEFAULT_OPSET} if out.suffix == ".onnx" else {}
+        made.append(EXPORTERS[out.suffix](result.fused, x, out, reference=reference,
+                                          dynamic_batch=exports.dynamic_batch, options=check,
+                                          force=force, **extra))
+    else:
+        save_model(result.fused, out)
+        suffix = "" if passed else " despite failed verification (--force)"
+        console.print(f"wrote {out}{suffix}")
+    if exports.emit_code is not None:
+        made.append(emit_code(result.fused, exports.emit_code, x, reference=reference,
+                              description=f"{check.reference_name}, fused", options=check,
+                              force=force))
+    for export in made:
+        style = "green" if export.passed else "red"
+        for line in export.summary_lines():
+            console.print(f"[{style}]{line}[/]")
+        if export.written:
+            failed = not (passed and export.passed)
+            suffix = " despite failed verification (--force)" if failed else ""
+            console.print(f"wrote {export.path}{suffix}")
+        else:
+            console.print(f"[bold red]not written[/]: the {export.format} check failed (use "
+                          f"--force to write {export.path} anyway)")
+    result.exports.extend(made)
+    return passed and all(export.passed for export in made)
 
 
 @main.command()
 @click.argument("model")
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Where to write the fused model (default: <stem>.fused.pt beside MODEL).")
+@click.option("-o", "--output", type=click.Path(),  # a folder: io.check_destination says so
+              help="Where to write the fused model, by extension: .pt (GraphModule), .onnx, "
+                   ".pt2 (torch.export), .ts (TorchScript) (default: <stem>.fused.pt beside "
+                   "MODEL).")
+@export_options
 @model_options
 @click.option("--passes", "pass_names", metavar="a,b,...",
               help="Passes to run, comma-separated (default: all; see `repfuse passes`).")
-@click.option("--report", type=click.Path(dir_okay=False), help="Write a JSON report here.")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="Write a report here: .json, .md or .html (by extension).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout.")
+@input_options
 @click.option("--rtol", type=float, help="Relative tolerance of verification (to max |ref|).")
 @click.option("--atol", type=float, help="Absolute tolerance of verification.")
 @click.option("--force", is_flag=True, help="Write the output even if verification fails.")
+@click.option("--allow-costlier", is_flag=True,
+              help="Also apply exact merges the cost model says do not pay.")
 @handles_errors
-def convert(model, output, input_shape, arch, trust, pass_names, report, rtol, atol, force):
+def convert(model, output, input_shape, arch, trust, pass_names, report, as_json, inputs_spec,
+            max_batches, distribution, rtol, atol, force, allow_costlier, exports):
     """Fuse MODEL, verify it against the original, and write the fused model.
 
     MODEL is a zoo name (see `repfuse passes`/README), a state dict with --arch, a torch.export
@@ -142,33 +291,43 @@ def convert(model, output, input_shape, arch, trust, pass_names, report, rtol, a
 
     \b
     Examples:
-      repfuse convert resnet18 -o out/resnet18.fused.pt --report out/resnet18.json
+      repfuse convert resnet18 -o out/resnet18.fused.pt --report out/resnet18.html
+      repfuse convert resnet18 --inputs batches.pt --max-batches 8 --report r.json
       repfuse convert weights.pt --arch mypkg.nets:resnet50 --input-shape 1,3,224,224
       repfuse convert whole_model.pt --trust
+      repfuse convert repvgg_a0 -o repvgg_a0.onnx --dynamic-batch --emit-code out/repvgg_a0
+      repfuse convert repvgg_a0 --deploy-arch repvgg_a0 -o repvgg_a0.deploy.pt
     """
     from repfuse.convert import convert as run_convert
-    from repfuse.io import save_model, write_text
+    from repfuse.export import CheckOptions
+    from repfuse.verify.render import render_json, write_report
 
     report_path = _check_report_path(report)
     loaded, x, note = _load(model, arch, trust, input_shape)
+    x, input_set = _inputs_for(x, loaded.module, inputs_spec, max_batches, distribution)
+    note = note if input_set is None else None  # the shape comes from the user's inputs
     out = Path(output) if output else _default_output(model, loaded)
-    if out.suffix != ".pt":
-        raise RepfuseError(f"unsupported output type '{out.suffix}' for '{out}' (use .pt)")
+    _check_output(out, exports, loaded)
+    _check_destinations(out, report_path)
     if loaded.path is not None and out.resolve() == loaded.path.resolve():
         raise RepfuseError(f"refusing to overwrite the input '{out}'; choose another -o")
-    result = run_convert(loaded.module, x, pass_names, rtol=rtol, atol=atol, name=model)
+    result = run_convert(loaded.module, x, pass_names, rtol=rtol, atol=atol, name=model,
+                         allow_costlier=allow_costlier, batches=_random_count(3, max_batches),
+                         distribution=distribution, verify_inputs=input_set)
     _print_conversion(loaded.source, list(x.shape), note, result)
     passed = result.report.passed
     if passed or force:
-        save_model(result.fused, out)
-        suffix = "" if passed else " despite failed verification (--force)"
-        console.print(f"wrote {out}{suffix}")
+        check = CheckOptions(batches=_random_count(3, max_batches), rtol=rtol, atol=atol,
+                             reference_name=model, distribution=distribution, inputs=input_set)
+        passed = _write_outputs(result, loaded.module, x, out, exports, check, passed, force)
     else:
         console.print(f"[bold red]not written[/]: verification failed (use --force to write "
                       f"{out} anyway)")
     if report_path is not None:
-        write_text(report_path, json.dumps(result.report_dict(), indent=2))
+        write_report(report_path, result)
         console.print(f"wrote report {report_path}")
+    if as_json:
+        click.echo(render_json(result))
     sys.exit(EXIT_OK if passed else EXIT_NOT_EQUIVALENT)
 
 
@@ -176,17 +335,21 @@ def _print_conversion(source: str, shape: list[int], note: str | None, result) -
     console.print(f"[bold]{source}[/]  input {shape}  ({result.seconds:.2f} s to fuse)")
     if note:
         console.print(f"[yellow]note[/]: {note}")
-    passes = Table(title="passes", title_justify="left")
-    passes.add_column("pass")
-    passes.add_column("rewrites", justify="right")
-    passes.add_column("declined", justify="right")
+    for line in result.capture.summary_lines():  # partial capture, shape specialization
+        console.print(f"[yellow]{line}[/]" if not line.startswith("  ") else line)
+    passes = Table(title="passes (MACs and bytes after each pass's rewrites)",
+                   title_justify="left")
+    for column in ("pass", "rewrites", "declined", "MACs", "bytes moved"):
+        passes.add_column(column, justify="left" if column == "pass" else "right")
     declined = {}
     for decline in result.passes.declined:
         declined[decline.pass_name] = declined.get(decline.pass_name, 0) + 1
-    for name, count in result.passes.counts().items():
-        passes.add_row(name, str(count), str(declined.get(name, 0)))
+    for row in result.cost_by_pass():
+        passes.add_row(row["pass"], str(row["rewrites"]), str(declined.get(row["pass"], 0)),
+                       f"{row['macs']:,}", f"{row['bytes']:,}")
     console.print(passes)
     _print_declines(result.passes.declined, limit=5)
+    _print_not_mergeable(result.not_mergeable)
     console.print(_cost_table(result.cost_before, result.cost_after))
     for line in result.report.summary_lines():
         style = "green" if result.report.passed else "red"
@@ -200,6 +363,19 @@ def _print_declines(declined, limit: int) -> None:
         console.print(f"  ... and {len(declined) - limit} more (see `repfuse inspect`)")
 
 
+def _print_not_mergeable(items) -> None:
+    from repfuse.passes.nonlinear import summarize
+
+    groups = summarize(items)
+    if not groups:
+        return
+    counted = ", ".join(f"{g['count']} {g['op']}" for g in groups)
+    console.print(f"not mergeable exactly (they stay): {counted}")
+    for kind in dict.fromkeys(g["kind"] for g in groups):
+        reason = next(g["reason"] for g in groups if g["kind"] == kind)
+        console.print(f"  {reason}")
+
+
 def _cost_table(before, after) -> Table:
     table = Table(title="cost", title_justify="left")
     table.add_column("")
@@ -211,6 +387,7 @@ def _cost_table(before, after) -> Table:
     table.add_row("ops (all)", str(sum(before.ops.values())), str(sum(after.ops.values())))
     table.add_row("params", f"{before.params:,}", f"{after.params:,}")
     table.add_row("MACs", f"{before.macs:,}", f"{after.macs:,}")
+    table.add_row("bytes moved", f"{before.bytes:,}", f"{after.bytes:,}")
     return table
 
 
@@ -220,38 +397,47 @@ def _cost_table(before, after) -> Table:
 @model_options
 @click.option("--batches", default=3, show_default=True, help="Input batches to compare on.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@input_options
 @click.option("--rtol", type=float, help="Relative tolerance (to max |reference|).")
 @click.option("--atol", type=float, help="Absolute tolerance.")
-@click.option("--report", type=click.Path(dir_okay=False), help="Write a JSON report here.")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="Write a report here: .json, .md or .html (by extension).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout.")
 @handles_errors
-def verify_command(reference, candidate, input_shape, arch, trust, batches, seed, rtol, atol,
-                   report, as_json):
+def verify_command(reference, candidate, input_shape, arch, trust, batches, seed, inputs_spec,
+                   max_batches, distribution, rtol, atol, report, as_json):
     """Check that CANDIDATE computes what REFERENCE computes (exit 0 yes, 1 no, 2 bad input).
 
     Both are loaded like MODEL of `repfuse convert`; --arch applies to state-dict files.
+    The report names the first rewrite (or, for models repfuse did not make, the first module
+    at a shared path) whose output diverges.
 
     \b
     Examples:
-      repfuse verify resnet18 resnet18.fused.pt --trust
+      repfuse verify resnet18 resnet18.fused.pt --trust --report verify.html
       repfuse verify train.pt deploy.pt --arch mypkg.nets:build --json
+      repfuse verify resnet18 r18.fused.pt --trust --inputs mydata:loader --max-batches 4
     """
-    from repfuse.io import load_model, write_text
+    from repfuse.io import load_model
     from repfuse.verify import verify
+    from repfuse.verify.render import render_json, render_terminal, write_report
 
     report_path = _check_report_path(report)
+    _check_destinations(report_path)
     ref, x, note = _load(reference, arch, trust, input_shape)
+    x, input_set = _inputs_for(x, ref.module, inputs_spec, max_batches, distribution)
     cand = load_model(candidate, arch=arch, trust=trust)
-    if note:
+    if note and input_set is None:
         console.print(f"[yellow]note[/]: {note}")
-    result = verify(ref.module, cand.module, x, batches=batches, seed=seed, rtol=rtol,
-                    atol=atol, reference_name=reference, candidate_name=candidate)
-    for line in result.summary_lines():
-        console.print(line)
+    result = verify(ref.module, cand.module, x, batches=_random_count(batches, max_batches),
+                    seed=seed, rtol=rtol, atol=atol, reference_name=reference,
+                    candidate_name=candidate, distribution=distribution, inputs=input_set)
+    render_terminal(result, console)
     if report_path is not None:
-        write_text(report_path, result.to_json())
+        write_report(report_path, result)
+        console.print(f"wrote report {report_path}")
     if as_json:
-        click.echo(result.to_json())
+        click.echo(render_json(result))
     sys.exit(EXIT_OK if result.passed else EXIT_NOT_EQUIVALENT)
 
 
@@ -259,8 +445,10 @@ def verify_command(reference, candidate, input_shape, arch, trust, batches, seed
 @click.argument("model")
 @model_options
 @click.option("--passes", "pass_names", metavar="a,b,...", help="Passes to consider.")
+@click.option("--allow-costlier", is_flag=True,
+              help="Also apply exact merges the cost model says do not pay.")
 @handles_errors
-def inspect(model, input_shape, arch, trust, pass_names):
+def inspect(model, input_shape, arch, trust, pass_names, allow_costlier):
     """Show what repfuse would rewrite in MODEL and why other candidates were declined.
 
     Nothing is written.
@@ -272,11 +460,13 @@ def inspect(model, input_shape, arch, trust, pass_names):
     from repfuse.convert import convert as run_convert
 
     loaded, x, note = _load(model, arch, trust, input_shape)
-    result = run_convert(loaded.module, x, pass_names, check=False, name=model)
+    result = run_convert(loaded.module, x, pass_names, check=False, name=model,
+                         allow_costlier=allow_costlier)
     console.print(f"[bold]{loaded.source}[/]  input {list(x.shape)}")
     if note:
         console.print(f"[yellow]note[/]: {note}")
     _print_blocks(result.passes)
+    _print_not_mergeable(result.not_mergeable)
     console.print(_cost_table(result.cost_before, result.cost_after))
 
 
