@@ -107,6 +107,13 @@ def shape_of(node: Any) -> tuple[int, ...] | None:
     return tuple(shape) if shape is not None else None
 
 
+def meta_with_size(meta: Any, dim: int, size: int) -> Any:
+    """Shape-propagation metadata like ``meta`` but with ``size`` entries along ``dim``."""
+    shape = list(meta.shape)
+    shape[dim] = size
+    return meta._replace(shape=torch.Size(shape))
+
+
 def dtype_of(node: Any) -> torch.dtype | None:
     if not isinstance(node, Node):
         return None

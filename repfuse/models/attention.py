@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repfuse.models.layers import ConvBN
+from repfuse.models.layers import ConvBN, he_init_convs
 from repfuse.models.registry import register_model
 
 ModuleFactory = Callable[[int], nn.Module]
@@ -66,14 +66,6 @@ def conv_bn_relu(
     (a :class:`~repfuse.models.layers.ConvBN`) and ``act``."""
     conv = ConvBN(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups)
     return nn.Sequential(OrderedDict(conv=conv, act=nn.ReLU()))
-
-
-def he_init_convs(model: nn.Module) -> None:
-    """He et al. 2015 ("Delving Deep into Rectifiers") with fan_in for every ``nn.Conv2d``: with
-    eval-mode BatchNorms, which do not renormalize, the activations then keep their scale."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
 
 
 # --- residual units and the tiny ResNet skeleton ---------------------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from repfuse.models.layers import KernelSize
+from repfuse.models.layers import KernelSize, he_init_convs
 from repfuse.models.registry import register_model
 
 # (in, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj) of each Inception module of
@@ -181,12 +181,9 @@ class GoogLeNet(nn.Module):
         self.dropout = nn.Dropout(0.2)
         self.fc = nn.Linear(in_channels, num_classes)
 
-        # He et al. 2015 ("Delving Deep into Rectifiers"), fan_in: eval-mode BatchNorms do not
-        # renormalize, and torchvision's truncated N(0, 0.01) would shrink the activations by
+        # He init, not torchvision's truncated N(0, 0.01): that would shrink the activations by
         # ~10x per layer until the logits no longer depend on the input.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        he_init_convs(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.transform_input:

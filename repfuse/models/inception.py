@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from repfuse.models.googlenet import BasicConv2d, to_tensorflow_input_range
+from repfuse.models.layers import he_init_convs
 from repfuse.models.registry import register_model
 
 Width = Callable[[int], int]
@@ -245,11 +246,7 @@ class Inception3(nn.Module):
         self.dropout = nn.Dropout(0.5)
         self.fc = nn.Linear(channels, num_classes)
 
-        # He et al. 2015 (fan_in) rather than torchvision's truncated N(0, 0.1): eval-mode
-        # BatchNorms do not renormalize, and the activations should keep their scale.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        he_init_convs(self)  # rather than torchvision's truncated N(0, 0.1)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.transform_input:

@@ -117,6 +117,14 @@ def init_branch_convs(*convs: nn.Conv2d, gain: float) -> None:
             conv.weight.normal_(0.0, math.sqrt(gain / (len(convs) * fan_in)))
 
 
+def he_init_convs(model: nn.Module) -> None:
+    """He et al. 2015 ("Delving Deep into Rectifiers") with fan_in for every ``nn.Conv2d``: with
+    eval-mode BatchNorms, which do not renormalize, the activations then keep their scale."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+
+
 def unit_with_activation(unit: nn.Module, activation: nn.Module) -> nn.Sequential:
     """``activation(unit(x))`` as the named children ``conv`` and ``act``."""
     return nn.Sequential(OrderedDict(conv=unit, act=activation))

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from repfuse.models.layers import he_init_convs
 from repfuse.models.registry import register_model
 
 # Output channels of the 3x3 conv units of each stage; every stage ends in a 2x2 average pool.
@@ -126,11 +127,7 @@ class PooledVGG(nn.Module):
         self.features = nn.Sequential(*features)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(in_channels, num_classes)
-        # He et al. 2015 ("Delving Deep into Rectifiers"), fan_in, so that eval-mode activations
-        # keep their scale through the stages.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        he_init_convs(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)

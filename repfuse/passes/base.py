@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 
 from repfuse.cost import NodeCost, node_cost, nodes_cost
 from repfuse.errors import GraphInvariantError
-from repfuse.graph import META_KEY, UseIndex, origin_paths_of
+from repfuse.graph import META_KEY, UseIndex, meta_with_size, origin_paths_of
 
 
 @dataclass(frozen=True)
@@ -261,13 +261,11 @@ class Rewriter:
 
     def _split(self, new: Node, roots: Sequence[Node], sizes: tuple[int, ...],
                dim: int) -> list[Node]:
-        whole = [m for r in roots for m in [r.meta.get("tensor_meta")]]
-        if all(m is not None for m in whole):
-            shape = list(whole[0].shape)
-            shape[dim] = sum(sizes)
-            new.meta["tensor_meta"] = whole[0]._replace(shape=torch.Size(shape))
         parts = self.gm.graph.call_function(torch.split, (new, list(sizes), dim))
-        parts.meta["tensor_meta"] = tuple(whole)
+        metas = [root.meta.get("tensor_meta") for root in roots]
+        if all(m is not None for m in metas):
+            new.meta["tensor_meta"] = meta_with_size(metas[0], dim, sum(sizes))
+            parts.meta["tensor_meta"] = tuple(metas)
         items = []
         for index, root in enumerate(roots):
             item = self.gm.graph.call_function(operator.getitem, (parts, index))

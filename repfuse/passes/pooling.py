@@ -24,11 +24,10 @@ from torch.fx import GraphModule, Node
 
 from repfuse.algebra import Kernel, compose
 from repfuse.cost import NodeCost, activation_bytes, layer_cost, nodes_cost, pays
-from repfuse.graph import bind_args, describe, layer_view, shape_of, sole_user
+from repfuse.graph import bind_args, describe, layer_view, meta_with_size, shape_of, sole_user
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 from repfuse.passes.reparam import (
     _kernel_module,
-    _with_channels,
     lift,
     linear_kernel,
     linear_module,
@@ -123,7 +122,7 @@ def _copy_call(gm: GraphModule, node: Node, data: Node, channels: int) -> Node:
     """``node``'s op applied to ``data`` instead of its first argument."""
     new = gm.graph.create_node(node.op, node.target, (data, *node.args[1:]), dict(node.kwargs))
     if "tensor_meta" in node.meta:
-        new.meta["tensor_meta"] = _with_channels(node.meta["tensor_meta"], channels)
+        new.meta["tensor_meta"] = meta_with_size(node.meta["tensor_meta"], 1, channels)
     return new
 
 
@@ -207,10 +206,11 @@ class HoistGlobalPool(Pass):
     def _before_chain(self, pool: Node, chain: _Chain,
                       rewriter: Rewriter) -> Rewrite | Decline | None:
         gm = rewriter.gm
-        like = next((v.weight for v in (layer_view(gm, n) for n in chain.nodes)
-                     if v is not None), None)
-        if like is None:
+        layer = next((v for v in (layer_view(gm, n) for n in chain.nodes) if v is not None),
+                     None)
+        if layer is None:
             return None  # only BN/scale: a per-channel op after the pool is no cheaper
+        like = layer.weight
         kernel = chain.kernel
         pooled = shape_of(pool)
         keepdim = len(pooled) == len(shape_of(chain.input))
@@ -228,11 +228,9 @@ class HoistGlobalPool(Pass):
             module = _kernel_module(kernel, like)
         else:
             module = linear_module(kernel, like)
-        origin = next(v.origin_paths()[0] for v in (layer_view(gm, n) for n in chain.nodes)
-                      if v is not None)
         names = ", ".join(describe(n, gm) for n in reversed(chain.nodes))
         return rewriter.replace_with_module(
             self.name, root=pool, replaced=[pool, *chain.nodes], module=module,
             args=lambda: (_copy_call(gm, pool, chain.input, kernel.in_channels),),
-            module_path=origin, detail=f"{label} moved before {names}",
+            module_path=layer.origin_paths()[0], detail=f"{label} moved before {names}",
         )

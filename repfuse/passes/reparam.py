@@ -49,6 +49,7 @@ from repfuse.graph import (
     constant_value,
     describe,
     layer_view,
+    meta_with_size,
     shape_of,
     sole_user,
 )
@@ -371,7 +372,7 @@ class MergeBranches(Pass):
         def wrap(new: Node) -> Node:
             if not before and not after:
                 return new
-            new.meta["tensor_meta"] = _with_channels(cat.meta["tensor_meta"],
+            new.meta["tensor_meta"] = meta_with_size(cat.meta["tensor_meta"], 1,
                                                      merged.out_channels)
             joined = gm.graph.call_function(torch.cat, ([*before, new, *after], 1))
             joined.meta["tensor_meta"] = cat.meta["tensor_meta"]
@@ -401,13 +402,6 @@ class MergeBranches(Pass):
             self.name, root=root, replaced=replaced, module=_kernel_module(merged, like),
             args=(group[0].input,), module_path=origin.origin, detail=detail, wrap=wrap,
         )
-
-
-def _with_channels(meta, channels: int):
-    """Shape-propagation metadata like ``meta`` but with ``channels`` channels."""
-    shape = list(meta.shape)
-    shape[1] = channels
-    return meta._replace(shape=torch.Size(shape))
 
 
 def _kernel_area(kernel: Kernel | None) -> int:
@@ -465,16 +459,11 @@ class ComposeLinear(Pass):
         combined = compose(first.kernel, second.kernel)
         if isinstance(combined, str):
             return self.decline(node, f"{label} stay: {combined}")
-        in_shape, mid_shape, out_shape = (shape_of(first.input), shape_of(first.node),
-                                          shape_of(node))
-        if out_shape is None or mid_shape is None or in_shape is None:
-            return self.decline(node, f"{label} stay: shapes unknown (run shape propagation)")
         like = _weight_like(gm, (first.node, node))
-        before = nodes_cost(gm, (first.node, node))
-        after = layer_cost(tuple(combined.weight.shape), in_shape, out_shape, like.itemsize)
-        costlier = pays(before, after)
-        if costlier is not None and not self.allow_costlier:
-            return self.decline(node, f"{label} stay: composing costs more: {costlier}")
+        costlier = self._costlier(gm, first.input, first.node, node, label,
+                                  tuple(combined.weight.shape), like.itemsize)
+        if costlier is not None:
+            return costlier
         origin = first.origin if first.is_conv else second.origin
         return rewriter.replace_with_module(
             self.name, root=node, replaced=[node, first.node],
@@ -500,21 +489,31 @@ class ComposeLinear(Pass):
                            linear_kernel(second.weight, second.bias))
         if isinstance(combined, str):
             return self.decline(node, f"{label} stay: {combined}")
-        in_shape, out_shape = shape_of(first.input), shape_of(node)
-        if in_shape is None or out_shape is None:
-            return self.decline(node, f"{label} stay: shapes unknown (run shape propagation)")
-        before = nodes_cost(gm, (first.node, node))
-        after = layer_cost((combined.out_channels, combined.in_channels), in_shape, out_shape,
-                           second.weight.element_size())
-        costlier = pays(before, after)
-        if costlier is not None and not self.allow_costlier:
-            return self.decline(node, f"{label} stay: composing costs more: {costlier}")
+        costlier = self._costlier(gm, first.input, first.node, node, label,
+                                  (combined.out_channels, combined.in_channels),
+                                  second.weight.element_size())
+        if costlier is not None:
+            return costlier
         return rewriter.replace_with_module(
             self.name, root=node, replaced=[node, first.node],
             module=linear_module(combined, second.weight), args=(first.input,),
             module_path=second.module_path or second.origin_paths()[0],
             detail=f"{label} composed",
         )
+
+    def _costlier(self, gm: GraphModule, data: Node, first: Node, node: Node, label: str,
+                  weight_shape: tuple[int, ...], itemsize: int) -> Decline | None:
+        """A decline when one layer of ``weight_shape`` on ``data`` costs more than
+        ``first → node`` (unless ``allow_costlier``), or when the shapes to tell are unknown."""
+        in_shape, out_shape = shape_of(data), shape_of(node)
+        if in_shape is None or out_shape is None:
+            return self.decline(node, f"{label} stay: shapes unknown (run shape propagation)")
+        before = nodes_cost(gm, (first, node))
+        after = layer_cost(weight_shape, in_shape, out_shape, itemsize)
+        costlier = pays(before, after)
+        if costlier is not None and not self.allow_costlier:
+            return self.decline(node, f"{label} stay: composing costs more: {costlier}")
+        return None
 
     def _unliftable_pool(self, node: Node, gm: GraphModule) -> Decline | None:
         """A conv → avg pool pair that stays because the pool is not a convolution."""

@@ -28,9 +28,7 @@ reading when asked.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -168,18 +166,12 @@ def _progress_bar(show: bool, total: int | None, name: str) -> Iterator[Callable
 
 
 def _call_factory(spec: str) -> Iterable[Any]:
+    from repfuse.io import import_factory
+
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise LoadError(f"--inputs must be a file or package.module:fn, got '{spec}'")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise LoadError(f"cannot import '{module_name}' for --inputs: {exc}") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise LoadError(f"'{module_name}' has no callable '{attr}' for --inputs")
+    factory = import_factory(spec, "--inputs")
     try:
         items = factory()
     except Exception as exc:
