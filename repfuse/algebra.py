@@ -135,10 +135,15 @@ def fold_affine_into_output(
     channel. Always exact: the affine map acts on each output value separately.
     Returns the new weight and bias, in the dtype and device of ``weight``.
     """
-    out_index = output_channel_of_weight(weight, groups, transposed)
     extra = weight.dim() - 2
     scale = affine.scale.to(weight.device)
-    new_weight = weight.detach().to(FOLD_DTYPE) * _trailing(scale[out_index], extra)
+    if transposed:
+        per_slice = scale[output_channel_of_weight(weight, groups, transposed)]
+    else:  # slice W[o] writes channel o
+        per_slice = scale.unsqueeze(1)
+    # float64 · float32 promotes to float64 element by element (exact widening), without a
+    # float64 copy of the whole weight first
+    new_weight = weight.detach() * _trailing(per_slice.to(FOLD_DTYPE), extra)
     out_channels = affine.channels
     new_bias = _bias64(bias, out_channels, weight.device) * scale + affine.shift.to(weight.device)
     return _cast_back(new_weight, weight), _cast_back(new_bias, weight)

@@ -49,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
 from repfuse.errors import CaptureError, RepfuseError
+from repfuse.graph import gc_paused
 
 ExampleInputs = Tensor | Sequence[Tensor]
 
@@ -644,7 +645,11 @@ def trace(model: nn.Module, example_inputs: ExampleInputs) -> GraphModule:
     otherwise :class:`CaptureError` names the innermost submodule that did not. A GraphModule
     (e.g. a loaded ``.pt2`` program's module) is copied as it is, not re-traced.
     """
-    inputs = as_input_tuple(example_inputs)
+    with gc_paused():
+        return _trace(model, as_input_tuple(example_inputs))
+
+
+def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> GraphModule:
     work, hooks = _prepare(model, inputs)
     if isinstance(work, GraphModule):
         gm = work
@@ -671,7 +676,11 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     See the module docstring. The returned module computes what ``model`` computes in eval
     mode; :attr:`Captured.info` says what was traced, what was kept eager and why.
     """
-    inputs = as_input_tuple(example_inputs)
+    with gc_paused():
+        return _capture(model, as_input_tuple(example_inputs))
+
+
+def _capture(model: nn.Module, inputs: tuple[Tensor, ...]) -> Captured:
     work, hooks = _prepare(model, inputs)
     if isinstance(work, GraphModule):
         work.eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -103,18 +102,19 @@ def convert(
     """
     inputs = as_input_tuple(example_inputs)
     start = time.perf_counter()
-    captured = capture(model, inputs)
+    captured = capture(model, inputs)  # a copy of the model: the passes rewrite it in place
     traced_at = time.perf_counter()
-    fused = copy.deepcopy(captured.module)
-    copied_at = time.perf_counter()
+    cost_before = _cost(captured.module)
+    fused = captured.module
+    counted_at = time.perf_counter()
     result = fuse_parts(fused, lambda gm: run_pipeline(gm, passes, allow_costlier=allow_costlier))
-    seconds = (time.perf_counter() - copied_at) + (traced_at - start)
+    seconds = (time.perf_counter() - counted_at) + (traced_at - start)
     report = None
     if check:
         report = verify(model, fused, inputs, batches=batches, seed=seed, rtol=rtol, atol=atol,
                         reference_name=name, candidate_name=f"{name} (fused)",
                         distribution=distribution, inputs=verify_inputs)
-    return Conversion(fused, result, _cost(captured.module), _cost(fused), seconds, report,
+    return Conversion(fused, result, cost_before, _cost(fused), seconds, report,
                       not_mergeable=[op for _, gm in parts_of(fused) for op in not_mergeable(gm)],
                       capture=captured.info)
 

@@ -61,6 +61,7 @@ from torch.utils._pytree import tree_leaves
 
 from repfuse.capture import ExampleInputs, as_input_tuple
 from repfuse.errors import LoadError, RepfuseError
+from repfuse.graph import with_fx_codegen
 from repfuse.io import atomic_write, build_arch, import_factory
 from repfuse.verify import EquivalenceReport, eval_mode, verify
 
@@ -521,7 +522,8 @@ def torchscript_module(model: nn.Module, example_inputs: ExampleInputs) -> tuple
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         try:
-            return torch.jit.script(model), "torch.jit.script"
+            scriptable = with_fx_codegen(model) if isinstance(model, GraphModule) else model
+            return torch.jit.script(scriptable), "torch.jit.script"
         except Exception as exc:
             script_error = _first_line(exc)
     try:

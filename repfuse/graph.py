@@ -11,9 +11,13 @@ date by the rewriter, so the pipeline stays linear in the graph size.
 
 from __future__ import annotations
 
+import copy
+import gc
 import operator
+import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import reduce
 from typing import Any
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
+from torch.fx.graph import CodeGen, PythonCode, _format_target
 
 aten = torch.ops.aten
 
@@ -192,27 +197,57 @@ class LayerView:
         return _paths_of_attrs(self.attr_nodes)
 
     def build(self, weight: Tensor, bias: Tensor | None) -> nn.Module:
-        """A fresh ``nn.Conv*d``/``nn.ConvTranspose*d``/``nn.Linear`` holding these weights."""
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        """A fresh ``nn.Conv*d``/``nn.ConvTranspose*d``/``nn.Linear`` holding these weights.
+
+        The module takes the tensors as they are, without a copy: pass tensors nothing else
+        holds (fresh results of a fold), or clones.
+        """
+        factory = {"dtype": weight.dtype}
         has_bias = bias is not None
         if self.kind == "linear":
-            module = nn.Linear(self.in_channels, self.out_channels, bias=has_bias, **factory)
+            module = new_layer(nn.Linear, self.in_channels, self.out_channels, bias=has_bias,
+                               **factory)
         elif self.kind == "conv":
             cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[self.spatial_dims]
-            module = cls(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups, has_bias, self.padding_mode,
-                         **factory)
+            module = new_layer(cls, self.in_channels, self.out_channels, self.kernel_size,
+                               self.stride, self.padding, self.dilation, self.groups, has_bias,
+                               self.padding_mode, **factory)
         else:
             cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d,
                    3: nn.ConvTranspose3d}[self.spatial_dims]
-            module = cls(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.output_padding, self.groups, has_bias,
-                         self.dilation, **factory)
-        with torch.no_grad():
-            module.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-            if has_bias:
-                module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+            module = new_layer(cls, self.in_channels, self.out_channels, self.kernel_size,
+                               self.stride, self.padding, self.output_padding, self.groups,
+                               has_bias, self.dilation, **factory)
+        module.weight = frozen_parameter(weight)
+        if has_bias:
+            module.bias = frozen_parameter(bias)
         return module
+
+
+def new_layer(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` for a conv or linear layer class, without its initializer.
+
+    Its parameters are empty placeholders on the meta device: the caller replaces them.
+    Initializing weights that are thrown away at once would cost more than the whole fold
+    (``reset_parameters`` draws random numbers for every weight; on the meta device it still
+    runs a decomposition per call).
+    """
+    module = cls.__new__(cls)
+    # the instance attribute shadows the method for the one call __init__ makes
+    object.__setattr__(module, "reset_parameters", _no_initializer)
+    cls.__init__(module, *args, **{**kwargs, "device": "meta"})
+    object.__delattr__(module, "reset_parameters")
+    return module
+
+
+def _no_initializer() -> None:
+    pass
+
+
+def frozen_parameter(tensor: Tensor) -> nn.Parameter:
+    """``tensor`` as a parameter without gradient, contiguous (a strided view would make every
+    call of the layer copy it first)."""
+    return nn.Parameter(tensor.detach().contiguous(), requires_grad=False)
 
 
 def layer_view(gm: GraphModule, node: Node) -> LayerView | None:
@@ -432,3 +467,82 @@ def arith_kind(node: Node) -> str | None:
     if node.op == "call_method":
         return _ARITH_METHODS.get(node.target)
     return None
+
+
+# --- generated code ---------------------------------------------------------------------------
+
+
+class DirectModuleAccess(CodeGen):
+    """fx's code generator, but submodules are reached through the ``_modules`` dicts.
+
+    fx writes a call of the module at ``stage1.0.conv`` as
+    ``getattr(self.stage1, "0").conv(x)``: every step runs ``nn.Module.__getattr__``, a Python
+    function, because submodules are not instance attributes. After fusion a block is often a
+    single conv and an activation, so these lookups are a few percent of an eager forward at
+    batch 1. ``self._modules["stage1"]._modules["0"]._modules["conv"](x)`` reads the same
+    objects (a submodule lives only in its parent's ``_modules``) with plain dict lookups, and
+    it always sees the module tree as it is now: nothing is cached.
+
+    Lines it does not recognize keep fx's spelling, which computes the same. The generated code
+    is regenerated with fx's own generator where plain attribute access is needed (TorchScript);
+    a fused model saved and loaded again gets fx's generator back (fx re-traces on load).
+    """
+
+    def _gen_python_code(self, nodes, root_module: str, namespace, **kwargs) -> PythonCode:
+        code = super()._gen_python_code(nodes, root_module, namespace, **kwargs)
+        calls = {node.name: node.target for node in nodes if node.op == "call_module"}
+        lines = code.src.split("\n")
+        for index, line in enumerate(lines):  # one statement per line, as fx writes them
+            found = _ASSIGNMENT.match(line)
+            target = calls.get(found.group(2)) if found else None
+            if target is None:
+                continue
+            slow = f"{_format_target(root_module, target)}("
+            value = line[found.end():]
+            if value.startswith(slow):
+                fast = f"{module_access(root_module, target)}("
+                lines[index] = line[:found.end()] + fast + value[len(slow):]
+        code.src = "\n".join(lines)
+        return code
+
+
+_ASSIGNMENT = re.compile(r"^(\s+)(\w+) = ")
+
+
+def module_access(root: str, target: str) -> str:
+    """``root._modules["a"]._modules["b"]`` for the submodule at path ``a.b``."""
+    return root + "".join(f"._modules[{part!r}]" for part in target.split("."))
+
+
+def use_direct_module_access(gm: GraphModule) -> None:
+    """Make ``gm`` generate :class:`DirectModuleAccess` code (call ``gm.recompile()`` after)."""
+    if type(gm.graph._codegen) is CodeGen:  # a custom one (e.g. pytree inputs) stays
+        gm.graph.set_codegen(DirectModuleAccess())
+
+
+def with_fx_codegen(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm`` whose code is written by fx's own generator (for TorchScript, which
+    does not read ``_modules``)."""
+    copied = copy.deepcopy(gm)
+    if isinstance(copied.graph._codegen, DirectModuleAccess):
+        copied.graph.set_codegen(CodeGen())
+        copied.recompile()
+    return copied
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the duration.
+
+    Tracing and rewriting allocate many small objects (nodes, module copies) that stay alive,
+    and every collection of the oldest generation walks all of them: a quarter of the
+    conversion time of a graph of 25,000 nodes went to the collector. Garbage with cycles made
+    meanwhile is collected after, as usual.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

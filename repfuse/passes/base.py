@@ -30,7 +30,14 @@ from torch.fx import GraphModule, Node
 
 from repfuse.cost import NodeCost, node_cost, nodes_cost
 from repfuse.errors import GraphInvariantError
-from repfuse.graph import META_KEY, UseIndex, meta_with_size, origin_paths_of
+from repfuse.graph import (
+    META_KEY,
+    UseIndex,
+    gc_paused,
+    meta_with_size,
+    origin_paths_of,
+    use_direct_module_access,
+)
 
 
 @dataclass(frozen=True)
@@ -275,14 +282,19 @@ class Rewriter:
         return items
 
     def replace_with_constant(
-        self, pass_name: str, node: Node, value: Tensor, detail: str = ""
+        self, pass_name: str, node: Node, value: Tensor, detail: str = "",
+        parameter: nn.Parameter | None = None,
     ) -> Rewrite:
-        """Replace ``node`` by a new buffer holding ``value`` (read with ``get_attr``)."""
+        """Replace ``node`` by a new buffer holding ``value`` (read with ``get_attr``), or by
+        ``parameter`` when given (a weight computed from weights is still a weight)."""
         name, n = "_repfuse_constant", 0
         while hasattr(self.gm, f"{name}{n}"):
             n += 1
         target = f"{name}{n}"
-        self.gm.register_buffer(target, value)
+        if parameter is not None:
+            self.gm.register_parameter(target, parameter)
+        else:
+            self.gm.register_buffer(target, value)
         with self.gm.graph.inserting_before(node):
             new = self.gm.graph.get_attr(target)
         self.index.on_create(new)
@@ -432,6 +444,11 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
     on the worklist. At each node the passes are tried in the given order and the first rewrite
     wins. Declines are kept for the nodes that remain in the final graph.
     """
+    with gc_paused():
+        return _run_passes(gm, passes)
+
+
+def _run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
     _drop_unused_attr_nodes(gm)
     rewriter = Rewriter(gm)
     worklist = deque(gm.graph.nodes)
@@ -475,12 +492,35 @@ def _drop_unused_attr_nodes(gm: GraphModule) -> None:
 
 
 def finish_graph(gm: GraphModule) -> None:
-    """Lint, drop modules and tensors nothing reads any more, regenerate code."""
+    """Lint, drop modules and tensors nothing reads any more, regenerate code (reaching
+    submodules through ``_modules``: see :class:`repfuse.graph.DirectModuleAccess`)."""
     _drop_unused_attr_nodes(gm)
     gm.graph.lint()
-    gm.delete_all_unused_submodules()
+    _drop_unused_modules(gm)
     _drop_unread_tensors(gm)
+    use_direct_module_access(gm)
     gm.recompile()
+
+
+def _drop_unused_modules(gm: GraphModule) -> None:
+    """Delete the submodules no node calls or reads from, in time linear in the model.
+
+    What ``GraphModule.delete_all_unused_submodules`` does, whose membership test scans a list
+    (quadratic: minutes for a network of thousands of blocks).
+    """
+    used: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        parts = node.target.split(".")
+        used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        if node.op == "call_module":
+            called = gm.get_submodule(node.target)
+            used.update(name for name, _ in called.named_modules(prefix=node.target))
+    for name, _ in list(gm.named_modules()):
+        parent = name.rpartition(".")[0]
+        if name and name not in used and (not parent or parent in used):
+            gm.delete_submodule(name)  # its own submodules go with it
 
 
 def _drop_unread_tensors(gm: GraphModule) -> None:

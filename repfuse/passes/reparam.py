@@ -48,8 +48,10 @@ from repfuse.graph import (
     bind_args,
     constant_value,
     describe,
+    frozen_parameter,
     layer_view,
     meta_with_size,
+    new_layer,
     shape_of,
     sole_user,
 )
@@ -221,12 +223,11 @@ def branch_of(gm: GraphModule, term: Node, consumer: Node) -> Branch:
 def _kernel_module(kernel: Kernel, like: torch.Tensor) -> nn.Module:
     """A fresh ``nn.Conv*d`` holding ``kernel``, in the dtype and device of ``like``."""
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[kernel.spatial_dims]
-    module = cls(kernel.in_channels, kernel.out_channels, kernel.kernel_size, kernel.stride,
-                 kernel.padding, kernel.dilation, kernel.groups, bias=True,
-                 device=like.device, dtype=like.dtype)
-    with torch.no_grad():
-        module.weight = nn.Parameter(kernel.weight.to(like), requires_grad=False)
-        module.bias = nn.Parameter(kernel.bias.to(like), requires_grad=False)
+    module = new_layer(cls, kernel.in_channels, kernel.out_channels, kernel.kernel_size,
+                       kernel.stride, kernel.padding, kernel.dilation, kernel.groups, bias=True,
+                       dtype=like.dtype)
+    module.weight = frozen_parameter(kernel.weight.to(like))
+    module.bias = frozen_parameter(kernel.bias.to(like))
     return module
 
 
@@ -240,12 +241,10 @@ def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None, dims: int = 1
 def linear_module(kernel: Kernel, like: torch.Tensor) -> nn.Linear:
     """A fresh ``nn.Linear`` holding a 1×…×1 ``kernel`` (densified to one group)."""
     dense = regroup(kernel, 1)
-    module = nn.Linear(dense.in_channels, dense.out_channels, device=like.device,
-                       dtype=like.dtype)
-    with torch.no_grad():
-        weight = dense.weight.reshape(dense.out_channels, dense.in_channels)
-        module.weight = nn.Parameter(weight.to(like), requires_grad=False)
-        module.bias = nn.Parameter(dense.bias.to(like), requires_grad=False)
+    module = new_layer(nn.Linear, dense.in_channels, dense.out_channels, dtype=like.dtype)
+    weight = dense.weight.reshape(dense.out_channels, dense.in_channels)
+    module.weight = frozen_parameter(weight.to(like))
+    module.bias = frozen_parameter(dense.bias.to(like))
     return module
 
 
@@ -667,7 +666,8 @@ class MergePadding(Pass):
             return self.decline(node, f"{describe(node, gm)} stays: {describe(user, gm)} does "
                                       "not pad with zeros")
         total = tuple(a + b for a, b in zip(current, padding, strict=True))
-        module = replace(layer, padding=total).build(layer.weight, layer.bias)
+        bias = None if layer.bias is None else layer.bias.clone()
+        module = replace(layer, padding=total).build(layer.weight.clone(), bias)
         return rewriter.replace_with_module(
             self.name, root=user, replaced=[node, user], module=module, args=(data,),
             module_path=layer.module_path or layer.origin_paths()[0],
@@ -722,7 +722,7 @@ class MergePadding(Pass):
         if fill.numel() != bias.numel() or not _equal_up_to_rounding(fill, bias):
             return self.decline(pad, f"{label} pads with values that differ from the bias of "
                                      f"{describe(data, gm)}")
-        module = replace(layer, padding=padding).build(layer.weight, bias)
+        module = replace(layer, padding=padding).build(layer.weight.clone(), bias.clone())
         fills = _setitem_users(pad)
         return rewriter.replace_with_module(
             self.name, root=pad, replaced=[data, *fills, pad], module=module,
