@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.fx import Node
 from torch.fx.node import map_arg
 
@@ -41,7 +41,7 @@ class FoldConstants(Pass):
 
     name: ClassVar[str] = "fold_constants"
     summary: ClassVar[str] = (
-        "evaluate pure ops whose inputs are all parameters/buffers/constants into one buffer"
+        "evaluate pure ops whose inputs are all parameters/buffers/constants into one tensor"
     )
 
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
@@ -62,9 +62,16 @@ class FoldConstants(Pass):
                                       f"{type(exc).__name__}")
         if not isinstance(value, Tensor) or value.numel() > MAX_CONSTANT_ELEMENTS:
             return None
+        value = value.detach().clone()
+        weights = [t for n in node.all_input_nodes
+                   if isinstance(t := fetch_attr(gm, n.target), nn.Parameter)]
+        parameter = None
+        if weights:  # e.g. a standardized or stacked kernel: a parameter of the fused model
+            trainable = any(w.requires_grad for w in weights)
+            parameter = nn.Parameter(value, requires_grad=trainable and value.is_floating_point())
         return rewriter.replace_with_constant(
-            self.name, node, value.detach().clone(),
-            detail=f"{describe(node, gm)} evaluated once",
+            self.name, node, value, detail=f"{describe(node, gm)} evaluated once",
+            parameter=parameter,
         )
 
 
