@@ -536,40 +536,73 @@ def models():
 @main.command()
 @click.argument("model")
 @model_options
-@click.option("--repeat", default=20, show_default=True, help="Timed runs per model.")
-@click.option("--warmup", default=3, show_default=True, help="Untimed runs per model first.")
-@click.option("--threads", type=int, help="torch.set_num_threads for the timing.")
+@click.option("--batch", "batch_sizes", multiple=True, metavar="N[,N...]",
+              help="Batch sizes to time (repeatable or comma-separated; default: the "
+                   "example input's). Larger batches repeat the example's rows.")
+@click.option("--repeat", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Timed rounds per batch size (each runs both models once).")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Untimed rounds per batch size first.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch.set_num_threads for the "
+              "timing.")
+@click.option("--passes", "pass_names", metavar="a,b,...",
+              help="Passes to run, comma-separated (default: all; see `repfuse passes`).")
+@click.option("--allow-costlier", is_flag=True,
+              help="Also apply exact merges the cost model says do not pay.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON to stdout.")
 @handles_errors
-def bench(model, input_shape, arch, trust, repeat, warmup, threads, as_json):
-    """Time MODEL and its fused form side by side (eager CPU, interleaved, same process).
+def bench(model, input_shape, arch, trust, batch_sizes, repeat, warmup, threads, pass_names,
+          allow_costlier, as_json):
+    """Compare MODEL with its fused form: latency, params, MACs, bytes, ops, error.
+
+    MODEL is loaded like that of `repfuse convert` and converted once (no verification). Both
+    models are timed in eager mode on CPU, in one process, round by round interleaved; the
+    table (stderr) gives original, fused and original/fused per metric. MACs and bytes are
+    for the input converted with (the first --batch). --json prints the same to stdout.
 
     \b
-    Example:
-      repfuse bench resnet50 --repeat 30
+    Examples:
+      repfuse bench repvgg_a0 --batch 1,8 --repeat 30
+      repfuse bench weights.pt --arch mypkg.nets:build --input-shape 1,3,224,224 --json
     """
     import torch
+    from rich.progress import Progress
 
-    from repfuse.bench import time_models
-    from repfuse.convert import convert as run_convert
+    from repfuse.bench import benchmark, parse_batch_sizes
+    from repfuse.export import OnnxModel
 
+    sizes = parse_batch_sizes(batch_sizes)
     if threads is not None:
         torch.set_num_threads(threads)
-    loaded, x, _ = _load(model, arch, trust, input_shape)
-    result = run_convert(loaded.module, x, check=False, name=model)
-    loaded.module.eval()
-    timings = time_models({"original": loaded.module, "fused": result.fused}, (x,),
-                          warmup=warmup, repeat=repeat)
-    ratio = timings["original"].median_ms / timings["fused"].median_ms
-    summary = {
-        "model": model, "input_shape": list(x.shape), "threads": torch.get_num_threads(),
-        "convert_seconds": result.seconds, "speedup": ratio,
-        "timings": {name: t.to_dict() for name, t in timings.items()},
-    }
-    console.print(
-        f"{model}: fuse {result.seconds:.2f} s; original {timings['original'].median_ms:.2f} ms,"
-        f" fused {timings['fused'].median_ms:.2f} ms (median of {repeat}); "
-        f"fused is {ratio:.2f}x faster"
-    )
+    loaded, x, note = _load(model, arch, trust, input_shape)
+    if isinstance(loaded.module, OnnxModel):
+        raise RepfuseError(f"'{loaded.path}' is an ONNX model: it runs in onnxruntime and cannot "
+                           "be fused")
+    # Not on a terminal rich would still write a blank line; a log needs no bar.
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(f"bench {model}", total=None)
+
+        def show(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        result = benchmark(loaded.module, x, batches=sizes, repeat=repeat, warmup=warmup,
+                           passes=pass_names, allow_costlier=allow_costlier, name=model,
+                           progress=show)
+    console.print(f"[bold]{loaded.source}[/]  input {result.input_shapes[0]}  "
+                  f"({result.conversion.seconds:.2f} s to fuse; torch {torch.__version__}, "
+                  f"{result.threads} threads)")
+    if note:
+        console.print(f"[yellow]note[/]: {note}")
+    for line in result.conversion.capture.summary_lines():
+        console.print(f"[yellow]{line}[/]" if not line.startswith("  ") else line)
+    table = Table(title=f"{model}: original vs fused", title_justify="left",
+                  caption="original/fused above 1: the fused model is faster or smaller. "
+                          "max rel error: each model against the original run in float64.",
+                  caption_justify="left")
+    for column in ("", "original", "fused", "original/fused"):
+        table.add_column(column, justify="right" if column else "left")
+    for row in result.rows():
+        table.add_row(*row)
+    console.print(table)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(result.to_dict(), indent=2))
