@@ -3,19 +3,21 @@
     .venv/bin/python benchmarks/onnx_nodes.py [--models repvgg_a0,dbb_resnet18] [--small]
                                               [--opset 17] [--batches 1]
 
-Each model is exported the same way twice (``repfuse.export.onnx_model``: torch.onnx's
-TorchScript-based exporter, eval mode, constant folding): the train form as it is, and
-repfuse's fused form. Eval-mode export already folds a BatchNorm into the conv before it, and
-onnxsim folds what it can; neither merges parallel branches. repfuse's ONNX (after onnxsim) is
-also run in onnxruntime with graph optimizations disabled against the float64 train form (the
-``max rel`` column, float32 tolerance 1e-5). ``changed ops`` lists the op types whose count
-differs between the train form after onnxsim and repfuse. Prints a Markdown table.
+Each model is exported the same way twice (``peers.export_forms``, shared with
+``benchmarks/run.py``: ``repfuse.export.onnx_model``, torch.onnx's TorchScript-based exporter,
+eval mode, constant folding, then onnxsim): the train form as it is, and repfuse's fused form.
+Eval-mode export already folds a BatchNorm into the conv before it, and onnxsim folds what it
+can; neither merges parallel branches. repfuse's ONNX (after onnxsim) is also run in
+onnxruntime with graph optimizations disabled against the float64 train form (the ``max rel``
+column, float32 tolerance 1e-5). ``changed ops`` lists the op types whose count differs between
+the train form after onnxsim and repfuse. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -23,14 +25,16 @@ from pathlib import Path
 
 import torch
 
-import repfuse
-from repfuse.capture import RepfuseWarning
-from repfuse.convert import example_input
-from repfuse.export import DEFAULT_OPSET, CheckOptions, ExportError, export_onnx
-from repfuse.models import create_model, get_spec, list_models
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# ONNX opset each model needs at least (AffineGrid entered ONNX in opset 20).
-MIN_OPSET = {"stn_tiny": 20}
+from peers import changed_ops, export_forms, opset_for  # noqa: E402  (beside this script)
+
+import repfuse  # noqa: E402
+from repfuse.capture import RepfuseWarning  # noqa: E402
+from repfuse.convert import example_input  # noqa: E402
+from repfuse.export import DEFAULT_OPSET, OnnxModel  # noqa: E402
+from repfuse.models import create_model, get_spec, list_models  # noqa: E402
+from repfuse.verify import verify  # noqa: E402
 
 
 def count_model(name: str, opset: int, batches: int, folder: Path) -> dict:
@@ -40,24 +44,16 @@ def count_model(name: str, opset: int, batches: int, folder: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RepfuseWarning)
         fused = repfuse.fuse(model, x)
-    try:
-        result = export_onnx(fused, x, folder / f"{name}.onnx", reference=model,
-                             opset=max(opset, MIN_OPSET.get(name, 0)),
-                             options=CheckOptions(batches=batches))
-    except ExportError as exc:
-        return {"model": name, "error": str(exc)}
+    exported = export_forms({"train": model, "fused": fused}, x, folder, name,
+                            opset_for(name, opset))
+    if "fused" not in exported.exports:
+        return {"model": name, "error": exported.errors["fused"]}
+    # what export_onnx checks: the written file, optimizations off, vs the float64 train form
+    check = verify(model, OnnxModel.from_file(exported.exports["fused"].path), x,
+                   batches=batches, localize_divergence=False)
     seconds = time.perf_counter() - start
-    return {"model": name, "nodes": result.onnx_nodes, "passed": result.passed,
-            "max_rel": result.check.runs[-1].worst.max_rel, "seconds": seconds}
-
-
-def changed_ops(nodes: dict) -> str:
-    if "train_onnxsim" not in nodes:
-        return "(train form not exported)"
-    before, after = nodes["train_onnxsim"], nodes["repfuse"]
-    return ", ".join(f"{op} {before.get(op, 0)}→{after.get(op, 0)}"
-                     for op in sorted(set(before) | set(after))
-                     if before.get(op, 0) != after.get(op, 0)) or "none"
+    return {"model": name, "nodes": exported.node_counts(), "passed": check.passed,
+            "max_rel": check.runs[-1].worst.max_rel, "seconds": seconds}
 
 
 def main() -> None:
