@@ -388,8 +388,10 @@ def parallel_sum(kernels: list[Kernel]) -> Kernel | str:
         return "output channels differ"
     aligned = _aligned(kernels)
     first = aligned[0]
-    weight = torch.stack([k.weight for k in aligned]).sum(0)
-    bias = torch.stack([k.bias for k in aligned]).sum(0)
+    weight, bias = first.weight.clone(), first.bias.clone()
+    for kernel in aligned[1:]:  # accumulate: a stacked copy of every kernel costs more
+        weight += kernel.weight
+        bias += kernel.bias
     return Kernel(weight, bias, first.stride, first.padding, first.dilation, first.groups)
 
 
@@ -422,20 +424,10 @@ def compose(first: Kernel, second: Kernel, *, pad_value_is_bias: bool = False) -
       ``p_A + p_B·s_A``, weight ``W[o, i] = Σ_{m, j} W_B[o, m, j]·W_A[m, i, · − j·s_A]``
       (a transposed convolution of ``W_B`` by ``W_A``), bias ``b_B + Σ_{m, j} W_B[o, m, j]·b_A[m]``.
     """
-    if second.in_channels != first.out_channels:
-        return f"channels do not chain ({first.out_channels} into {second.in_channels})"
+    reason = compose_reason(first, second, pad_value_is_bias=pad_value_is_bias)
+    if reason is not None:
+        return reason
     a, b = densify(first), densify(second)
-    pointwise_a = all(k == 1 for k in a.kernel_size) and all(s == 1 for s in a.stride) and all(
-        p == 0 for p in a.padding
-    )
-    if any(p != 0 for p in b.padding):
-        if not pointwise_a:
-            return ("the second conv pads the first one's output with zeros, which the fused "
-                    "conv cannot reproduce (exact only when the second has no padding)")
-        if not pad_value_is_bias and bool(torch.any(a.bias != 0)):
-            return ("the second conv pads the first one's output with zeros, where the first "
-                    "(1x1) conv's bias would be: exact only for a bias-free 1x1 or a "
-                    "pad-with-bias layer")
     groups = math.gcd(a.groups, b.groups)  # mid-channel groups of A must feed those of B
     a, b = regroup(a, groups), regroup(b, groups)
     dims = a.spatial_dims
@@ -456,6 +448,40 @@ def compose(first: Kernel, second: Kernel, *, pad_value_is_bias: bool = False) -
     padding = tuple(pa + pb * sa for pa, pb, sa in zip(a.padding, b.padding, a.stride,
                                                        strict=True))
     return Kernel(weight, bias, stride, padding, (1,) * dims, groups)
+
+
+def compose_reason(first: Kernel, second: Kernel, *, pad_value_is_bias: bool = False
+                   ) -> str | None:
+    """Why :func:`compose` would refuse ``second(first(x))`` (see there), or None. Cheap: it
+    looks at shapes, settings and ``first``'s bias only."""
+    if second.in_channels != first.out_channels:
+        return f"channels do not chain ({first.out_channels} into {second.in_channels})"
+    if all(p == 0 for p in second.padding):
+        return None
+    pointwise_first = all(d * (k - 1) == 0 for d, k in zip(first.dilation, first.kernel_size,
+                                                           strict=True)) and all(
+        s == 1 for s in first.stride) and all(p == 0 for p in first.padding)
+    if not pointwise_first:
+        return ("the second conv pads the first one's output with zeros, which the fused "
+                "conv cannot reproduce (exact only when the second has no padding)")
+    if not pad_value_is_bias and bool(torch.any(first.bias != 0)):
+        return ("the second conv pads the first one's output with zeros, where the first "
+                "(1x1) conv's bias would be: exact only for a bias-free 1x1 or a "
+                "pad-with-bias layer")
+    return None
+
+
+def composed_weight_shape(first: Kernel, second: Kernel) -> tuple[int, ...]:
+    """The weight shape :func:`compose` gives, from the shapes alone (to price a composition
+    before computing it): ``(C_out_B, C_in_A / g, (k'_B − 1)·s_A + k'_A)`` with
+    ``g = gcd(g_A, g_B)`` and ``k' = d(k − 1) + 1`` the dense size of a dilated kernel."""
+    groups = math.gcd(first.groups, second.groups)
+    sizes = tuple(
+        (db * (kb - 1)) * sa + da * (ka - 1) + 1
+        for ka, da, sa, kb, db in zip(first.kernel_size, first.dilation, first.stride,
+                                      second.kernel_size, second.dilation, strict=True)
+    )
+    return (second.out_channels, first.in_channels // groups, *sizes)
 
 
 def _tuple(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:

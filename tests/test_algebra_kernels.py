@@ -22,6 +22,7 @@ from repfuse.algebra import (
     Kernel,
     avgpool_kernel,
     compose,
+    composed_weight_shape,
     concat,
     densify,
     identity_kernel,
@@ -333,7 +334,15 @@ def test_concat_declines_misaligned_kernels() -> None:
 def assert_composes(first: Kernel, second: Kernel, x: Tensor, **options) -> Kernel:
     combined = compose(first, second, **options)
     assert_same_map(run(second, run(first, x)), combined, x)
+    assert composed_weight_shape(first, second) == tuple(combined.weight.shape)
     return combined
+
+
+def test_compose_dilated_strided_then_dilated() -> None:
+    first = random_kernel(4, 6, 3, stride=2, padding=2, dilation=2)
+    second = random_kernel(6, 5, 3, dilation=3, groups=1)
+    combined = assert_composes(first, second, random_input((2, 4, 23, 21), dtype=F64))
+    assert combined.kernel_size == (17, 17)  # (k_B' − 1)·s_A + k_A' = (7 − 1)·2 + 5
 
 
 def test_compose_kxk_then_1x1_with_strided_first() -> None:

@@ -37,6 +37,8 @@ from repfuse.algebra import (
     affine_kernel,
     avgpool_kernel,
     compose,
+    compose_reason,
+    composed_weight_shape,
     concat,
     identity_kernel,
     parallel_sum,
@@ -455,14 +457,17 @@ class ComposeLinear(Pass):
         if sole_user(first.node) is not node:
             return self.decline(node, f"{label} stay: the output of "
                                       f"{describe(first.node, gm)} is also used elsewhere")
-        combined = compose(first.kernel, second.kernel)
-        if isinstance(combined, str):
-            return self.decline(node, f"{label} stay: {combined}")
+        reason = compose_reason(first.kernel, second.kernel)
+        if reason is not None:
+            return self.decline(node, f"{label} stay: {reason}")
         like = _weight_like(gm, (first.node, node))
+        # priced before it is computed: a dense composition can take seconds
         costlier = self._costlier(gm, first.input, first.node, node, label,
-                                  tuple(combined.weight.shape), like.itemsize)
+                                  composed_weight_shape(first.kernel, second.kernel),
+                                  like.itemsize)
         if costlier is not None:
             return costlier
+        combined = compose(first.kernel, second.kernel)
         origin = first.origin if first.is_conv else second.origin
         return rewriter.replace_with_module(
             self.name, root=node, replaced=[node, first.node],
