@@ -23,8 +23,10 @@ interleaved (``repfuse.bench.time_models``: A B C D, D C B A, ...), under infere
 faster than the torch peer).
 
 **onnxruntime latency** (ms): train, repfuse and deploy forms each exported the same way
-(``repfuse.export.onnx_model``, static shapes of the input, then onnxsim: ``peers.export_forms``)
-and run in onnxruntime CPU sessions with all graph optimizations (``ORT_ENABLE_ALL``),
+(``repfuse.export.onnx_model``, static shapes of the input, then onnxsim: ``peers.export_forms``;
+repfuse's fused as ``repfuse convert -o MODEL.onnx`` does, with ``repfuse.export.ONNX_PIPELINE``:
+no horizontal fusion, which onnxruntime runs slower) and run in onnxruntime CPU sessions
+with all graph optimizations (``ORT_ENABLE_ALL``),
 sequential execution, intra-op threads = ``--threads``, no spinning between runs (each session
 has its own thread pool); timed interleaved like eager. Ratios ``repfuse/deploy`` (target
 ≤ 1.02) and ``train/repfuse``. onnxruntime folds Conv+BN itself, so the train-form ONNX of a
@@ -89,7 +91,7 @@ import peers  # noqa: E402  (beside this script; benchmarks/ is not a package)
 
 from repfuse.bench import time_models  # noqa: E402
 from repfuse.convert import Conversion, convert, example_input  # noqa: E402
-from repfuse.export import DEFAULT_OPSET  # noqa: E402
+from repfuse.export import DEFAULT_OPSET, ONNX_PIPELINE  # noqa: E402
 from repfuse.models import create_model, get_spec, list_models  # noqa: E402
 from repfuse.verify import verify  # noqa: E402
 
@@ -238,6 +240,11 @@ def bench_batch(name: str, train: nn.Module, x: Tensor, conversion: Conversion,
     if settings.onnx and folder is not None:
         progress(f"b{batch}: ONNX export and onnxruntime")
         onnx_models = {form: forms[form] for form in ONNX_FORMS if form in forms}
+        if conversion.passes.counts().get("merge_siblings"):
+            # what `repfuse convert -o MODEL.onnx` writes: no horizontal fusion for onnxruntime
+            onnx_models["fused"] = convert(train, x, list(ONNX_PIPELINE), check=False,
+                                           name=name).fused
+            record["onnx_pipeline"] = "without merge_siblings"
         missing = {k: v for k, v in peer_failures.items() if k in ONNX_FORMS}
         record["onnx"] = onnx_group(name, batch, onnx_models, x, reference, settings, folder,
                                     missing)
@@ -366,35 +373,38 @@ def batch_rows(records: list[dict], group_key: str):
                 yield record, batch, group, None
 
 
-def eager_table(records: list[dict]) -> list[str]:
-    lines = ["| model | batch | rounds | train (ms) | repfuse (ms) | deploy (ms) | fx fuse (ms) "
-             "| train/repfuse | repfuse/deploy | fx fuse/repfuse |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for record, batch, group, failed in batch_rows(records, "eager"):
+def timing_table(records: list[dict], group_key: str, header: str,
+                 row_cells: Callable[[dict], list[str]]) -> list[str]:
+    """A Markdown table of one timing group per model and batch: ``header`` names the columns
+    after model, batch and rounds; ``row_cells(group)`` gives their cells."""
+    columns = header.count("|") + 1
+    lines = [f"| model | batch | rounds | {header} |",
+             "|---|---:|---:|" + "---:|" * columns]
+    for record, batch, group, failed in batch_rows(records, group_key):
         if group is None:
-            lines.append(f"| {record['model']} | {batch or '–'} | {failed} |" + " |" * 7)
+            lines.append(f"| {record['model']} | {batch or '–'} | {failed} |"
+                         + " |" * columns)
             continue
-        cells = [ms_cell(group, f) for f in EAGER_FORMS]
-        ratios = [ratio_cell(group, "train", "fused"), ratio_cell(group, "fused", "deploy"),
-                  ratio_cell(group, "fx_fuse", "fused")]
         lines.append(f"| {record['model']} | {batch} | {group['rounds']} | "
-                     + " | ".join(cells + ratios) + " |")
+                     + " | ".join(row_cells(group)) + " |")
     return lines
+
+
+def eager_table(records: list[dict]) -> list[str]:
+    return timing_table(
+        records, "eager", "train (ms) | repfuse (ms) | deploy (ms) | fx fuse (ms) "
+        "| train/repfuse | repfuse/deploy | fx fuse/repfuse",
+        lambda group: [ms_cell(group, f) for f in EAGER_FORMS] + [
+            ratio_cell(group, "train", "fused"), ratio_cell(group, "fused", "deploy"),
+            ratio_cell(group, "fx_fuse", "fused")])
 
 
 def onnx_table(records: list[dict]) -> list[str]:
-    lines = ["| model | batch | rounds | train (ms) | repfuse (ms) | deploy (ms) "
-             "| repfuse/deploy | train/repfuse |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for record, batch, group, failed in batch_rows(records, "onnx"):
-        if group is None:
-            lines.append(f"| {record['model']} | {batch or '–'} | {failed} |" + " |" * 5)
-            continue
-        cells = [ms_cell(group, f) for f in ONNX_FORMS]
-        ratios = [ratio_cell(group, "fused", "deploy"), ratio_cell(group, "train", "fused")]
-        lines.append(f"| {record['model']} | {batch} | {group['rounds']} | "
-                     + " | ".join(cells + ratios) + " |")
-    return lines
+    return timing_table(
+        records, "onnx", "train (ms) | repfuse (ms) | deploy (ms) | repfuse/deploy "
+        "| train/repfuse",
+        lambda group: [ms_cell(group, f) for f in ONNX_FORMS] + [
+            ratio_cell(group, "fused", "deploy"), ratio_cell(group, "train", "fused")])
 
 
 def first_onnx_group(record: dict) -> dict | None:
@@ -520,18 +530,14 @@ def target_lines(records: list[dict]) -> list[str]:
 
 
 def timm_table(records: list[dict]) -> list[str]:
-    lines = ["| model | batch | rounds | train (ms) | repfuse (ms) | timm reparam (ms) "
-             "| fx fuse (ms) | repfuse/timm | repfuse f32 err | timm f32 err |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for record, batch, group, failed in batch_rows(records, "eager"):
-        if group is None:
-            lines.append(f"| {record['model']} | {batch or '–'} | {failed} |" + " |" * 7)
-            continue
-        cells = [ms_cell(group, f) for f in ("train", "fused", "timm", "fx_fuse")]
+    def cells(group: dict) -> list[str]:
         errors = [error_cell(group["error"], group["failures"], f) for f in ("fused", "timm")]
-        lines.append(f"| {record['model']} | {batch} | {group['rounds']} | " + " | ".join(
-            cells + [ratio_cell(group, "fused", "timm")] + errors) + " |")
-    return lines
+        return ([ms_cell(group, f) for f in ("train", "fused", "timm", "fx_fuse")]
+                + [ratio_cell(group, "fused", "timm")] + errors)
+
+    return timing_table(
+        records, "eager", "train (ms) | repfuse (ms) | timm reparam (ms) | fx fuse (ms) "
+        "| repfuse/timm | repfuse f32 err | timm f32 err", cells)
 
 
 def machine_line(threads: int) -> str:

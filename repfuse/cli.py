@@ -311,6 +311,13 @@ def convert(model, output, input_shape, arch, trust, pass_names, report, as_json
     _check_destinations(out, report_path)
     if loaded.path is not None and out.resolve() == loaded.path.resolve():
         raise RepfuseError(f"refusing to overwrite the input '{out}'; choose another -o")
+    if pass_names is None and out.suffix == ".onnx":
+        from repfuse.export import ONNX_PIPELINE
+
+        pass_names = ",".join(ONNX_PIPELINE)
+        console.print("[yellow]note[/]: merge_siblings is left out for an .onnx output "
+                      "(onnxruntime runs a conv + Split slower than the separate convs); "
+                      "--passes chooses the passes")
     result = run_convert(loaded.module, x, pass_names, rtol=rtol, atol=atol, name=model,
                          allow_costlier=allow_costlier, batches=_random_count(3, max_batches),
                          distribution=distribution, verify_inputs=input_set)

@@ -63,9 +63,18 @@ from repfuse.capture import ExampleInputs, as_input_tuple
 from repfuse.errors import LoadError, RepfuseError
 from repfuse.graph import with_fx_codegen
 from repfuse.io import atomic_write, build_arch, import_factory
+from repfuse.passes import DEFAULT_PIPELINE
 from repfuse.verify import EquivalenceReport, eval_mode, verify
 
 DEFAULT_OPSET = 17
+
+# The passes for a model headed for onnxruntime: the default pipeline without horizontal fusion.
+# A sibling merge leaves conv -> Split -> activations; onnxruntime materializes the Split, can no
+# longer fuse each conv with its activation, and reorders around it to and from its blocked
+# layout. Measured (benchmarks/RESULTS.md, issue 8): GoogLeNet's ONNX 8-15% slower than without
+# the merges, ResNet-50's 8-12% (one merge), slower than the train form's own ONNX. In eager
+# PyTorch the split outputs are views and the merge pays (GoogLeNet 1.06x at batch 1).
+ONNX_PIPELINE: tuple[str, ...] = tuple(p for p in DEFAULT_PIPELINE if p != "merge_siblings")
 CODE_FILE, WEIGHTS_FILE = "model.py", "weights.pt"
 
 # ONNX tensor element types onnxruntime reports, as torch dtypes.

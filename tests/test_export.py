@@ -418,6 +418,22 @@ def test_convert_to_onnx_reports_the_check_and_node_counts(tmp_path):
     assert entry["check"]["runs"][-1]["outputs"][0]["metrics"]["max_rel"] <= F32_RTOL
 
 
+def test_convert_to_onnx_leaves_horizontal_fusion_out_unless_asked(tmp_path):
+    model, x = create_model("googlenet_tiny"), fresh_batch("googlenet_tiny", batch=1)
+    default, chosen = tmp_path / "default.onnx", tmp_path / "chosen.onnx"
+    result = cli("convert", "googlenet_tiny", "-o", default)
+    assert result.exit_code == 0, result.output
+    assert "merge_siblings is left out for an .onnx output" in result.stderr
+    assert "Split" not in op_counts(default)
+    assert rel_err(reference64(model, x), run_onnxruntime(default, x)) <= F32_RTOL
+    result = cli("convert", "googlenet_tiny", "-o", chosen, "--passes",
+                 ",".join(repfuse.DEFAULT_PIPELINE))
+    assert result.exit_code == 0, result.output
+    assert op_counts(chosen)["Split"] == 9  # one per Inception module
+    assert op_counts(chosen)["Conv"] < op_counts(default)["Conv"]
+    assert rel_err(reference64(model, x), run_onnxruntime(chosen, x)) <= F32_RTOL
+
+
 @pytest.mark.parametrize("suffix", [".pt2", ".ts"])
 def test_convert_to_pt2_and_torchscript(tmp_path, suffix):
     out, code = tmp_path / f"tiny{suffix}", tmp_path / "code"
