@@ -8,8 +8,9 @@ package: those scripts run from their folder's parent and find this module besid
 - ONNX: every form exported the same way (:func:`export_forms`: ``repfuse.export.onnx_model``,
   then onnxsim), node counts by op type, and onnxruntime sessions with all graph optimizations
   on (:class:`OrtRunner`);
-- the error measure ``max|y - ref| / max|ref|`` against the train form run in float64
-  (:func:`relative_error`);
+- the float64 reference the error measure ``max|y - ref| / max|ref|`` is taken against
+  (:func:`float64_reference`; the measure is ``repfuse.bench.max_rel_between``, the same as
+  ``repfuse bench`` and the verifier use);
 - peak memory of a conversion, measured in a fresh process (:func:`conversion_peak_memory`).
 """
 
@@ -105,20 +106,6 @@ def outputs_of(model, x: Tensor) -> list[Tensor]:
 def float64_reference(model: nn.Module, x: Tensor) -> list[Tensor]:
     """The train form deep-copied to float64, run on ``x`` in float64: the truth."""
     return outputs_of(copy.deepcopy(model).double().eval(), x.double())
-
-
-def relative_error(reference: list[Tensor], outputs: list[Tensor]) -> float:
-    """``max|y - ref| / max|ref|`` over all output tensors, in float64."""
-    if len(reference) != len(outputs):
-        raise ValueError(f"{len(outputs)} outputs, the reference has {len(reference)}")
-    worst_diff, ref_max = 0.0, 0.0
-    for ref, out in zip(reference, outputs, strict=True):
-        if ref.shape != out.shape:
-            raise ValueError(f"output shape {tuple(out.shape)}, reference {tuple(ref.shape)}")
-        ref64, out64 = ref.double(), out.double()
-        worst_diff = max(worst_diff, (ref64 - out64).abs().max().item())
-        ref_max = max(ref_max, ref64.abs().max().item())
-    return worst_diff / ref_max
 
 
 # --- ONNX ---------------------------------------------------------------------------------------

@@ -47,7 +47,9 @@ most; ``--threads 1`` keeps the ratios meaningful there.
 the op types whose count changes from train + onnxsim to repfuse.
 
 **Numerical error**: ``max|y - ref| / max|ref|`` of each form's output against the train form
-run in float64 on the same input, the worst over the batch sizes run: train, repfuse, fx fuse
+run in float64 on the same input (per output tensor, the largest over the outputs:
+``repfuse.bench.max_rel_between``, as ``repfuse bench`` and the verifier), the worst over the
+batch sizes run: train, repfuse, fx fuse
 and deploy in float32 in eager, and the three ONNX forms in onnxruntime (optimizations on).
 repfuse folds in float64 and casts once; fx fuse folds in float32.
 
@@ -89,7 +91,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402  (beside this script; benchmarks/ is not a package)
 
-from repfuse.bench import time_models  # noqa: E402
+from repfuse.bench import max_rel_between, time_models  # noqa: E402
 from repfuse.convert import Conversion, convert, example_input  # noqa: E402
 from repfuse.export import DEFAULT_OPSET, ONNX_PIPELINE  # noqa: E402
 from repfuse.models import create_model, get_spec, list_models  # noqa: E402
@@ -154,7 +156,7 @@ def measure_group(
         outputs = attempt(failures, form, peers.outputs_of, runner, x)
         if outputs is None:
             continue
-        error = attempt(failures, form, peers.relative_error, reference, outputs)
+        error = attempt(failures, form, max_rel_between, reference, outputs)
         if error is not None:
             errors[form], working[form] = error, runner
     group = {"rounds": 0, "ms": {}, "min_ms": {}, "error": errors, "failures": failures}

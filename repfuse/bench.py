@@ -225,7 +225,8 @@ def with_batch(inputs: tuple[Tensor, ...], size: int) -> tuple[Tensor, ...]:
     return tuple(batched)
 
 
-def _output_tensors(model: nn.Module, inputs: tuple[Tensor, ...], role: str) -> list[Tensor]:
+def output_tensors(model, inputs: tuple[Tensor, ...], role: str = "model") -> list[Tensor]:
+    """The tensor leaves of ``model(*inputs)``, in order (``model``: any callable)."""
     try:
         with torch.no_grad():
             outputs = model(*inputs)
@@ -234,16 +235,21 @@ def _output_tensors(model: nn.Module, inputs: tuple[Tensor, ...], role: str) -> 
     return [t for t in tree_leaves(outputs) if isinstance(t, Tensor)]
 
 
-def max_rel_error(reference64: nn.Module, model: nn.Module, inputs: tuple[Tensor, ...]) -> float:
-    """``max|y - y64| / max|y64|`` over the outputs of ``model`` against ``reference64`` (a
-    float64 copy of the original) on ``inputs``."""
-    as64 = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs)
-    expected = _output_tensors(reference64, as64, "original in float64")
-    actual = _output_tensors(model, inputs, "model")
+def max_rel_between(expected: Sequence[Tensor], actual: Sequence[Tensor]) -> float:
+    """``max|y - y64| / max|y64|`` per output tensor (the verifier's ``max_rel``), the largest
+    over the outputs."""
     if len(expected) != len(actual) or not expected:
         raise RepfuseError(f"the models return {len(expected)} and {len(actual)} tensors; "
                            "cannot compare them")
     return max(ErrorMetrics.between(e, a).max_rel for e, a in zip(expected, actual, strict=True))
+
+
+def float64_outputs(reference64: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    """The outputs of ``reference64`` (a float64 copy of the original) on ``inputs`` cast to
+    float64: the truth every model's error is measured against."""
+    as64 = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs)
+    return output_tensors(reference64, as64, "original in float64")
+
 
 
 # --- the whole benchmark ----------------------------------------------------------------------
@@ -367,8 +373,10 @@ def benchmark(
             timings = time_models({"original": model, "fused": conversion.fused}, inputs,
                                   warmup=warmup, repeat=repeat, on_round=steps.done)
             steps.start(f"checking batch {size} against float64")
-            errors = {"original": max_rel_error(reference64, model, inputs),
-                      "fused": max_rel_error(reference64, conversion.fused, inputs)}
+            expected = float64_outputs(reference64, inputs)  # once for both models
+            errors = {role: max_rel_between(expected, output_tensors(candidate, inputs, role))
+                      for role, candidate in (("original", model),
+                                              ("fused", conversion.fused))}
             steps.done()
             results.append(BatchResult(size, _shapes(inputs), timings["original"],
                                        timings["fused"], errors))
