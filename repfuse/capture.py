@@ -638,6 +638,7 @@ def _record(model: nn.Module, info: CaptureInfo) -> None:
     setattr(model, CAPTURE_ATTR, info)
 
 
+@gc_paused()
 def trace(model: nn.Module, example_inputs: ExampleInputs) -> GraphModule:
     """An eval-mode GraphModule of a copy of ``model``, with shapes from ``example_inputs``.
 
@@ -645,11 +646,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs) -> GraphModule:
     otherwise :class:`CaptureError` names the innermost submodule that did not. A GraphModule
     (e.g. a loaded ``.pt2`` program's module) is copied as it is, not re-traced.
     """
-    with gc_paused():
-        return _trace(model, as_input_tuple(example_inputs))
-
-
-def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> GraphModule:
+    inputs = as_input_tuple(example_inputs)
     work, hooks = _prepare(model, inputs)
     if isinstance(work, GraphModule):
         gm = work
@@ -670,17 +667,14 @@ class Captured:
     info: CaptureInfo
 
 
+@gc_paused()
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     """Capture a copy of ``model``: whole if it traces, else its largest traceable parts.
 
     See the module docstring. The returned module computes what ``model`` computes in eval
     mode; :attr:`Captured.info` says what was traced, what was kept eager and why.
     """
-    with gc_paused():
-        return _capture(model, as_input_tuple(example_inputs))
-
-
-def _capture(model: nn.Module, inputs: tuple[Tensor, ...]) -> Captured:
+    inputs = as_input_tuple(example_inputs)
     work, hooks = _prepare(model, inputs)
     if isinstance(work, GraphModule):
         work.eval()

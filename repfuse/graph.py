@@ -532,7 +532,8 @@ def with_fx_codegen(gm: GraphModule) -> GraphModule:
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for the duration.
+    """Pause Python's cyclic garbage collector for the duration (a ``with`` block, or a
+    function decorated with ``@gc_paused()``).
 
     Tracing and rewriting allocate many small objects (nodes, module copies) that stay alive,
     and every collection of the oldest generation walks all of them: a quarter of the

@@ -4,6 +4,7 @@ an initializer, unused modules dropped."""
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -128,3 +129,26 @@ def test_finish_graph_drops_uncalled_modules_and_keeps_read_ones():
     assert names == {"", "block", "block.used", "holder"}
     inputs = torch.randn(1, 3, 4, 4)
     torch.testing.assert_close(gm(inputs), root.block.used(inputs) * 2.0)
+
+
+def test_capture_runs_with_the_collector_paused_and_restores_it():
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(gc.isenabled())  # runs while tracing and while propagating shapes
+            return x * 2
+
+    x = random_input((1, 3))
+    assert gc.isenabled()
+    gm = capture(Probe(), (x,)).module
+    assert seen and not any(seen) and gc.isenabled()
+    torch.testing.assert_close(gm(x), x * 2)
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise ValueError("boom")
+
+    with pytest.raises(Exception, match="boom"):
+        capture(Broken(), (x,))
+    assert gc.isenabled()  # restored after a failure too

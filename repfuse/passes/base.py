@@ -437,6 +437,7 @@ def _neighbourhood(node: Node) -> list[Node]:
     return near
 
 
+@gc_paused()
 def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
     """Apply ``passes`` to ``gm`` in place until none applies; return what happened.
 
@@ -444,11 +445,6 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
     on the worklist. At each node the passes are tried in the given order and the first rewrite
     wins. Declines are kept for the nodes that remain in the final graph.
     """
-    with gc_paused():
-        return _run_passes(gm, passes)
-
-
-def _run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
     _drop_unused_attr_nodes(gm)
     rewriter = Rewriter(gm)
     worklist = deque(gm.graph.nodes)
