@@ -77,6 +77,30 @@ def calls_to(gm: GraphModule, *targets: object) -> int:
                if n.op in ("call_function", "call_method") and n.target in targets)
 
 
+def check_unchanged(
+    model: nn.Module, shape: tuple[int, ...], run: Callable[[GraphModule], PassResult]
+) -> tuple[PassResult, GraphModule]:
+    """Trace a float64 copy of ``model`` on a random input of ``shape`` and run ``run``: no
+    rewrite, the same graph (:func:`signature`), the same outputs as the model in float64."""
+    model = model.double().eval()
+    x = random_input(shape, dtype=torch.float64)
+    gm = repfuse.trace(model, x)
+    before = signature(gm)
+
+    result = run(gm)
+
+    assert result.rewrites == []
+    assert signature(gm) == before
+    with torch.no_grad():
+        expected, actual = reference64(model, x), gm(x)
+    if isinstance(expected, tuple):
+        assert all(rel_err(e, a) <= F64_RTOL
+                   for e, a in zip(expected, actual, strict=True))
+    else:
+        assert rel_err(expected, actual) <= F64_RTOL
+    return result, gm
+
+
 def fuse_checked(
     model: nn.Module,
     x: Tensor,

@@ -21,12 +21,12 @@ from conftest import (
     DTYPES,
     F64_RTOL,
     calls_to,
+    check_unchanged,
     fuse_checked,
     modules_of,
     random_input,
     reference64,
     rel_err,
-    signature,
 )
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -529,26 +529,6 @@ def test_concat_keeps_a_nonlinear_item(dtype: torch.dtype) -> None:
 
 # --- declines and non-candidates: graph unchanged, outputs unchanged ------------------------
 
-def check_unchanged(model: nn.Module, shape: tuple[int, ...], run=merge_branches):
-    """Trace in float64, run ``run``; the graph must stay as it was and still compute the same.
-    Returns the result and the graph."""
-    model = model.double().eval()
-    x = random_input(shape, dtype=F64)
-    gm = repfuse.trace(model, x)
-    before = signature(gm)
-
-    result = run(gm)
-
-    assert result.rewrites == []
-    assert signature(gm) == before
-    with torch.no_grad():
-        expected, actual = reference64(model, x), gm(x)
-    if isinstance(expected, tuple):
-        assert all(rel_err(e, a) <= F64_RTOL for e, a in zip(expected, actual, strict=True))
-    else:
-        assert rel_err(expected, actual) <= F64_RTOL
-    return result, gm
-
 
 class StridedMismatch(nn.Module):
     """2x2 stride 2 + 1x1 stride 2: equal output shapes, but a 1x1 cannot be centred in 2x2."""
@@ -563,7 +543,7 @@ class StridedMismatch(nn.Module):
 
 
 def test_declines_branches_with_odd_size_difference() -> None:
-    result, _ = check_unchanged(StridedMismatch(), (2, 4, 8, 8))
+    result, _ = check_unchanged(StridedMismatch(), (2, 4, 8, 8), merge_branches)
 
     assert [d.node for d in result.declined] == ["add"]
     assert "odd size difference" in result.declined[0].reason
@@ -583,7 +563,7 @@ class Misaligned(nn.Module):
 
 
 def test_declines_misaligned_paddings() -> None:
-    result, _ = check_unchanged(Misaligned(), (2, 4, 9, 9))
+    result, _ = check_unchanged(Misaligned(), (2, 4, 9, 9), merge_branches)
 
     assert len(result.declined) == 1 and "misaligned" in result.declined[0].reason
 
@@ -602,7 +582,7 @@ class StrideMismatchSameShape(nn.Module):
 
 
 def test_declines_branches_with_different_strides() -> None:
-    result, _ = check_unchanged(StrideMismatchSameShape(), (2, 4, 3, 3))
+    result, _ = check_unchanged(StrideMismatchSameShape(), (2, 4, 3, 3), merge_branches)
 
     assert [d.node for d in result.declined] == ["add"]
     assert "strides differ" in result.declined[0].reason
@@ -614,7 +594,7 @@ class MisalignedConcat(Misaligned):
 
 
 def test_declines_misaligned_concat() -> None:
-    result, _ = check_unchanged(MisalignedConcat(), (2, 4, 9, 9))
+    result, _ = check_unchanged(MisalignedConcat(), (2, 4, 9, 9), merge_branches)
 
     assert [d.node for d in result.declined] == ["cat"]
     assert "misaligned" in result.declined[0].reason
@@ -634,7 +614,7 @@ class DifferentInputs(nn.Module):
 
 
 def test_branches_on_different_inputs_are_not_merged() -> None:
-    result, _ = check_unchanged(DifferentInputs(), (2, 4, 8, 8))
+    result, _ = check_unchanged(DifferentInputs(), (2, 4, 8, 8), merge_branches)
     assert result.declined == []
 
 
@@ -649,7 +629,7 @@ class ReflectPlusZero(nn.Module):
 
 
 def test_reflect_padded_branch_is_not_lifted() -> None:
-    result, gm = check_unchanged(ReflectPlusZero(), (2, 4, 7, 7))
+    result, gm = check_unchanged(ReflectPlusZero(), (2, 4, 7, 7), merge_branches)
     assert sorted(modules_of(gm, nn.Conv2d)) == ["pointwise", "reflect"]
     assert result.declined == []
 
@@ -687,7 +667,7 @@ class BranchOutputReused(nn.Module):
 
 
 def test_branch_read_elsewhere_is_not_merged() -> None:
-    _, gm = check_unchanged(BranchOutputReused(third=False), (2, 4, 6, 6))
+    _, gm = check_unchanged(BranchOutputReused(third=False), (2, 4, 6, 6), merge_branches)
     assert "conv_a" in modules_of(gm, nn.Conv2d)
 
 
@@ -722,7 +702,7 @@ class BiasedPointwiseIntoPadded(nn.Module):
 
 
 def test_biased_1x1_into_padded_3x3_stops_the_chain() -> None:
-    _, gm = check_unchanged(BiasedPointwiseIntoPadded(), (2, 4, 6, 7))
+    _, gm = check_unchanged(BiasedPointwiseIntoPadded(), (2, 4, 6, 7), merge_branches)
     assert sorted(modules_of(gm, nn.Conv2d)) == ["expand", "reduce", "square"]
 
 
