@@ -251,7 +251,7 @@ def identity_kernel(
     Padding ``(k − 1) / 2`` keeps the output aligned with the input; any ``groups`` dividing
     ``channels`` works (``groups = channels``: depthwise).
     """
-    size = _tuple(kernel_size, spatial_dims)
+    size = ntuple(kernel_size, spatial_dims)
     if any(k % 2 == 0 for k in size):
         raise ValueError(f"an identity kernel needs odd sizes, got {size}")
     in_per_group = channels // groups
@@ -333,22 +333,32 @@ def pad_to(kernel: Kernel, size: tuple[int, ...]) -> Kernel:
     return Kernel(weight, kernel.bias, kernel.stride, padding, kernel.dilation, kernel.groups)
 
 
+def dense_size(kernel: Kernel) -> tuple[int, ...]:
+    """The size ``d(k − 1) + 1`` per axis a dilated kernel covers (what :func:`densify` makes),
+    from its shape alone."""
+    return tuple(d * (k - 1) + 1 for d, k in zip(kernel.dilation, kernel.kernel_size,
+                                                  strict=True))
+
+
 def _alignment_reason(kernels: list[Kernel]) -> str | None:
-    """Why kernels reading one input cannot be centre-aligned, or None if they can."""
+    """Why kernels reading one input cannot be centre-aligned, or None if they can.
+
+    Decided from shapes and settings alone: dilated kernels are not expanded to check.
+    """
     first = kernels[0]
     for other in kernels[1:]:
         if other.stride != first.stride:
             return f"strides differ ({list(first.stride)} vs {list(other.stride)})"
         if other.in_channels != first.in_channels:
             return f"input channels differ ({first.in_channels} vs {other.in_channels})"
-    dense = [densify(k) for k in kernels]
-    size = tuple(max(k.kernel_size[a] for k in dense) for a in range(first.spatial_dims))
+    sizes = [dense_size(k) for k in kernels]
+    size = tuple(max(s[a] for s in sizes) for a in range(first.spatial_dims))
     # Padded to size K, a kernel needs padding p + (K − k)/2; all branches must agree.
     offsets = set()
-    for k in dense:
-        grow = [big - small for big, small in zip(size, k.kernel_size, strict=True)]
+    for k, own in zip(kernels, sizes, strict=True):
+        grow = [big - small for big, small in zip(size, own, strict=True)]
         if any(g % 2 for g in grow):
-            return (f"a {list(k.kernel_size)} kernel cannot be centred in a {list(size)} one "
+            return (f"a {list(own)} kernel cannot be centred in a {list(size)} one "
                     "(odd size difference)")
         offsets.add(tuple(p + g // 2 for p, g in zip(k.padding, grow, strict=True)))
     if len(offsets) > 1:
@@ -458,17 +468,56 @@ def compose_reason(first: Kernel, second: Kernel, *, pad_value_is_bias: bool = F
         return f"channels do not chain ({first.out_channels} into {second.in_channels})"
     if all(p == 0 for p in second.padding):
         return None
-    pointwise_first = all(d * (k - 1) == 0 for d, k in zip(first.dilation, first.kernel_size,
-                                                           strict=True)) and all(
-        s == 1 for s in first.stride) and all(p == 0 for p in first.padding)
-    if not pointwise_first:
+    if not is_pointwise(first):
         return ("the second conv pads the first one's output with zeros, which the fused "
                 "conv cannot reproduce (exact only when the second has no padding)")
-    if not pad_value_is_bias and bool(torch.any(first.bias != 0)):
-        return ("the second conv pads the first one's output with zeros, where the first "
-                "(1x1) conv's bias would be: exact only for a bias-free 1x1 or a "
-                "pad-with-bias layer")
+    if not pad_value_is_bias:
+        return bias_padding_reason(first, None)
     return None
+
+
+def is_pointwise(kernel: Kernel) -> bool:
+    """True for a kernel that maps each pixel on its own: every tap at one position (1×…×1
+    or dilation 0 in effect), stride 1, no padding. Such a map commutes with global pooling,
+    composes before any conv, and moves a zero border to its bias."""
+    return (all(d * (k - 1) == 0 for d, k in zip(kernel.dilation, kernel.kernel_size,
+                                                 strict=True))
+            and all(s == 1 for s in kernel.stride) and all(p == 0 for p in kernel.padding))
+
+
+def bias_padding_reason(first: Kernel, fill: Tensor | None) -> str | None:
+    """Why ``pad(first(x), p, value=fill)`` is not ``first`` with padding ``p``, or None.
+
+    A pointwise kernel (:func:`is_pointwise`) maps a zero input pixel to its bias, so padding
+    its *input* with zeros gives border pixels equal to its bias. Padding its *output* with
+    ``fill`` (per channel; None: zeros) is the same map iff ``fill`` equals the bias (up to
+    rounding): a bias-free 1×1 conv before a zero-padded conv, or DBB's BN-and-pad layer,
+    which pads with the BN's value at zero input.
+    """
+    if not is_pointwise(first):
+        return ("it is not a 1x1 stride-1 unpadded conv, so its output border is not a "
+                "constant")
+    bias = first.bias.detach()
+    if fill is None:
+        if bool(torch.any(bias != 0)):
+            return ("the second conv pads the first one's output with zeros, where the first "
+                    "(1x1) conv's bias would be: exact only for a bias-free 1x1 or a "
+                    "pad-with-bias layer")
+        return None
+    fill = fill.detach().reshape(-1)
+    if fill.numel() != bias.numel() or not equal_up_to_rounding(fill, bias):
+        return "the pad writes values that differ from the conv's bias"
+    return None
+
+
+def equal_up_to_rounding(a: Tensor, b: Tensor, units: int = 16) -> bool:
+    """Equal up to ``units`` units of rounding of the coarser dtype, relative to the larger
+    magnitude (a value recomputed in another order, e.g. a BN's value at zero vs its fold)."""
+    eps = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps)
+    a64 = a.detach().to(FOLD_DTYPE).reshape(-1)
+    b64 = b.detach().to(FOLD_DTYPE).reshape(-1).to(a64.device)
+    scale = max(float(a64.abs().max()), float(b64.abs().max()), 1e-30)
+    return bool((a64 - b64).abs().max() <= units * eps * scale)
 
 
 def composed_weight_shape(first: Kernel, second: Kernel) -> tuple[int, ...]:
@@ -484,5 +533,66 @@ def composed_weight_shape(first: Kernel, second: Kernel) -> tuple[int, ...]:
     return (second.out_channels, first.in_channels // groups, *sizes)
 
 
-def _tuple(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
+
+
+def ntuple(value: int | float | tuple | list, n: int) -> tuple[int, ...]:
+    """A per-axis setting as ``n`` ints: a scalar repeated, a sequence of ``n`` kept (a
+    one-element sequence repeated, as PyTorch's layers accept)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return (int(value[0]),) * n
+        return tuple(int(v) for v in value)
+    return (int(value),) * n
+
+
+def avgpool_reason(padding: tuple[int, ...], ceil_mode: bool, count_include_pad: bool,
+                   divisor_override: int | None) -> str | None:
+    """Why an average pool is not the convolution :func:`avgpool_kernel` builds, or None.
+
+    The pool divides every window by ``Πk`` only with ``ceil_mode=False`` (no partial last
+    window), no ``divisor_override``, and either no padding or the padding counted
+    (``count_include_pad=True``).
+    """
+    if ceil_mode:
+        return "it uses ceil_mode, whose last window is partial"
+    if divisor_override is not None:
+        return "it overrides the divisor"
+    if any(padding) and not count_include_pad:
+        return "it pads without counting the padding (count_include_pad=False)"
+    return None
+
+
+def negate(kernel: Kernel) -> Kernel:
+    """``−kernel(x)``: weight and bias negated (a subtracted branch, ``a − b = a + (−b)``).
+    Exact: negation only flips the sign bit."""
+    return Kernel(-kernel.weight, -kernel.bias, kernel.stride, kernel.padding, kernel.dilation,
+                  kernel.groups)
+
+
+def crop_kernel(channels: int, crop: tuple[int, ...]) -> Kernel:
+    """Cropping ``crop[a]`` pixels from both ends of each spatial axis, as the identity with
+    padding ``−crop``: a conv with negative padding reads only the inner window.
+
+    Not a valid conv on its own (PyTorch refuses negative padding); composed with a following
+    unpadded conv, or aligned in a sum with a larger kernel, the padding becomes ``≥ 0``
+    (ACNet's cropped 1×k / k×1 branches). :func:`padding_reason` says when it does not.
+    """
+    dims = len(crop)
+    identity = identity_kernel(channels, 1, dims, groups=channels)
+    return Kernel(identity.weight, identity.bias, identity.stride, tuple(-c for c in crop),
+                  identity.dilation, identity.groups)
+
+
+def padding_reason(kernel: Kernel) -> str | None:
+    """Why ``kernel`` is not a valid conv layer (a crop is left over), or None."""
+    if any(p < 0 for p in kernel.padding):
+        return (f"the result would need negative padding {list(kernel.padding)} (a crop of "
+                "the input that no conv layer expresses)")
+    return None
+
+
+def on_meta(kernel: Kernel) -> Kernel:
+    """The same kernel with its tensors on the meta device: the combinators then compute only
+    the result's shape and settings, to price a merge before any weight is built."""
+    return Kernel(kernel.weight.to("meta"), kernel.bias.to("meta"), kernel.stride,
+                  kernel.padding, kernel.dilation, kernel.groups)

@@ -63,7 +63,8 @@ class NotMergeable:
                 "module_paths": list(self.module_paths)}
 
 
-def _classify(gm: GraphModule, node: Node) -> tuple[str, tuple[str, str]] | None:
+def classify(gm: GraphModule, node: Node) -> tuple[str, tuple[str, str]] | None:
+    """``(op name, (kind, reason))`` for a max pool, LRN or activation node, else None."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         found = _MODULES.get(type(module))
@@ -81,7 +82,7 @@ def not_mergeable(gm: GraphModule) -> list[NotMergeable]:
     """Every max pooling, LRN and activation in ``gm``, with why no exact pass merges it."""
     found = []
     for node in gm.graph.nodes:
-        classified = _classify(gm, node)
+        classified = classify(gm, node)
         if classified is None:
             continue
         op, (kind, reason) = classified

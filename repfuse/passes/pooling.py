@@ -22,16 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from repfuse.algebra import Kernel, compose
+from repfuse.algebra import Kernel, compose, is_pointwise
 from repfuse.cost import NodeCost, activation_bytes, layer_cost, nodes_cost, pays
 from repfuse.graph import bind_args, describe, layer_view, meta_with_size, shape_of, sole_user
+from repfuse.lift import LinearStep, kernel_module, lift, linear_kernel, linear_module
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
-from repfuse.passes.reparam import (
-    _kernel_module,
-    lift,
-    linear_kernel,
-    linear_module,
-)
 
 _ADAPTIVE_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _ADAPTIVE_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
@@ -71,11 +66,6 @@ def global_pool_input(gm: GraphModule, node: Node) -> Node | None:
     return data if shape is not None and len(shape) >= 3 else None
 
 
-def _is_pointwise(kernel: Kernel) -> bool:
-    return (all(k == 1 for k in kernel.kernel_size) and all(s == 1 for s in kernel.stride)
-            and all(p == 0 for p in kernel.padding))
-
-
 def _flatten_of(gm: GraphModule, node: Node) -> Node | None:
     """The sole user of ``node`` if it flattens ``N×C×1…1`` to ``N×C``."""
     user = sole_user(node)
@@ -108,7 +98,8 @@ def _pointwise_chain(gm: GraphModule, pool: Node, data: Node) -> _Chain:
     kernel, nodes, current, reader = None, [], data, pool
     while True:
         step = lift(gm, current)
-        if step is None or not _is_pointwise(step.kernel) or sole_user(current) is not reader:
+        if not isinstance(step, LinearStep) or not is_pointwise(step.kernel) or (
+                sole_user(current) is not reader):
             break
         combined = step.kernel if kernel is None else compose(step.kernel, kernel)
         if isinstance(combined, str):
@@ -160,7 +151,7 @@ class HoistGlobalPool(Pass):
 
     def _explain_stop(self, pool: Node, data: Node, gm: GraphModule) -> Decline | None:
         step = lift(gm, data)
-        if step is None or not step.is_conv or sole_user(data) is not pool:
+        if not isinstance(step, LinearStep) or not step.is_conv or sole_user(data) is not pool:
             return None
         return self.decline(pool, f"global pool {describe(pool, gm)} stays after "
                                   f"{describe(data, gm)}: only 1x1 stride-1 unpadded layers "
@@ -225,7 +216,7 @@ class HoistGlobalPool(Pass):
         if costlier is not None:
             return self.decline(pool, f"{label} stays: moving it costs more: {costlier}")
         if keepdim:
-            module = _kernel_module(kernel, like)
+            module = kernel_module(kernel, like)
         else:
             module = linear_module(kernel, like)
         names = ", ".join(describe(n, gm) for n in reversed(chain.nodes))

@@ -24,18 +24,18 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from repfuse.algebra import Kernel, concat
+from repfuse.algebra import Kernel, concat, on_meta
 from repfuse.cost import NodeCost, layer_cost, nodes_cost, pays
 from repfuse.graph import LayerView, describe, layer_view, shape_of
-from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
-from repfuse.passes.reparam import (
+from repfuse.lift import (
     LinearStep,
-    _kernel_module,
+    kernel_module,
     lift,
     linear_kernel,
     linear_module,
     numeric_padding,
 )
+from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,20 @@ class _Sibling:
         # A linear layer is a 1-tap conv over its last axis: the same stacking applies.
         return linear_kernel(self.layer.weight, self.layer.bias)
 
+    @property
+    def shape_kernel(self) -> Kernel:
+        """The kernel's shape and settings on the meta device (no weights copied)."""
+        if self.step is not None:
+            return self.step.shape_kernel
+        bias = None if self.layer.bias is None else self.layer.bias.to("meta")
+        return on_meta(linear_kernel(self.layer.weight.to("meta"), bias))
+
 
 def _conv_siblings(gm: GraphModule, source: Node) -> list[_Sibling]:
     siblings = []
     for user in source.users:
-        step: LinearStep | None = lift(gm, user)
-        if step is None or not step.is_conv or step.input is not source:
+        step = lift(gm, user)
+        if not isinstance(step, LinearStep) or not step.is_conv or step.input is not source:
             continue
         if _reads(user, source) != 1:
             continue
@@ -134,18 +142,20 @@ class MergeSiblings(Pass):
         if self.allow_costlier or len(group) < 2:
             group = siblings
         names = ", ".join(describe(s.node, gm) for s in group)
-        merged = concat([s.kernel for s in group])
-        if isinstance(merged, str):
-            return self.decline(source, f"{label} {names} stay separate: {merged}")
+        # priced from shapes first: the stacked kernel of dilated convs (ASPP) expands densely
+        shaped = concat([s.shape_kernel for s in group])
+        if isinstance(shaped, str):
+            return self.decline(source, f"{label} {names} stay separate: {shaped}")
         like = group[0].layer.weight
         before = nodes_cost(gm, (s.node for s in group))
-        after = self._merged_cost(source, merged, group, dim, like.element_size())
+        after = self._merged_cost(source, shaped, group, dim, like.element_size())
         costlier = pays(before, after)
         if costlier is not None and not self.allow_costlier:
             return self.decline(source, f"{label} {names} stay separate: merging costs more: "
                                         f"{costlier}")
+        merged = concat([s.kernel for s in group])
         if dim == 1:
-            module = _kernel_module(merged, like)
+            module = kernel_module(merged, like)
         else:
             module = linear_module(merged, like)
         sizes = [s.layer.out_channels for s in group]

@@ -628,10 +628,12 @@ class ReflectPlusZero(nn.Module):
         return self.reflect(x) + self.pointwise(x)
 
 
-def test_reflect_padded_branch_is_not_lifted() -> None:
+def test_reflect_padded_branch_is_not_lifted_and_says_why() -> None:
     result, gm = check_unchanged(ReflectPlusZero(), (2, 4, 7, 7), merge_branches)
     assert sorted(modules_of(gm, nn.Conv2d)) == ["pointwise", "reflect"]
-    assert result.declined == []
+    assert len(result.declined) == 1
+    assert "pads with 'reflect'" in result.declined[0].reason
+    assert "reflect" in result.declined[0].module_paths
 
 
 class OnlyOtherBranchNonlinear(nn.Module):

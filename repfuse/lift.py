@@ -1,0 +1,817 @@
+"""Reading fx nodes as linear maps: the one place that turns a node into a kernel.
+
+Every linear, shift-equivariant op is lifted to a :class:`repfuse.algebra.Kernel` (section 2 of
+DESIGN.md) or, acting per channel, to a :class:`repfuse.algebra.ChannelAffine`:
+
+==========================================  ==================================================
+node                                        lifted to
+==========================================  ==================================================
+conv (module, ``F.conv*d``, ``aten``)       its kernel (zero padding; ``'same'`` if symmetric)
+eval batch norm, ``x * c + d``              a :class:`ChannelAffine`, as a depthwise 1×1
+average pool (counting padding, floor)      a depthwise kernel of weights ``1/Πk``
+symmetric crop ``x[..., c:-c]``             the identity with padding ``−c``
+zero ``F.pad`` / ``nn.ZeroPad*d``           conv padding (:func:`zero_pad`)
+``a + b``, ``a − b``, ``torch.add/sub``     a sum of signed terms (:func:`sum_terms`)
+==========================================  ==================================================
+
+A node that is such an op but cannot be lifted exactly (a conv padding by reflection, a pool in
+``ceil_mode``, a kernel size computed at run time) lifts to a *reason* (a string), so the
+passes can say why a chain stopped there. Passes call these functions and the algebra's
+combinators; they do not read fx nodes as maps themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+from repfuse.algebra import (
+    FOLD_DTYPE,
+    ChannelAffine,
+    Kernel,
+    affine_kernel,
+    avgpool_kernel,
+    avgpool_reason,
+    batchnorm_affine,
+    compose,
+    crop_kernel,
+    identity_kernel,
+    negate,
+    ntuple,
+    on_meta,
+    regroup,
+)
+from repfuse.graph import (
+    LayerView,
+    batchnorm_view,
+    bind_args,
+    constant_value,
+    describe,
+    dtype_of,
+    frozen_parameter,
+    layer_view,
+    new_layer,
+    shape_of,
+    sole_user,
+)
+from repfuse.graph import arith_kind as _arith_kind
+
+# --- per-channel affine ops: eval batch norm and scale/bias by constants ---------------------
+
+# (channel axis, shape of the tensor the map acts on or None, channel count) -> affine | reason
+AffineAlong = Callable[[int, tuple[int, ...] | None, int], ChannelAffine | str]
+
+
+@dataclass(frozen=True)
+class AffineOp:
+    """A node computing ``s·x + t`` per channel of its data input ``input``.
+
+    ``along(axis, shape, channels)`` gives the map along the channel ``axis`` of a tensor of
+    ``shape`` with ``channels`` channels, or the reason it is not per-channel there.
+    """
+
+    node: Node
+    input: Node
+    label: str
+    along: AffineAlong
+
+
+def batchnorm_op(gm: GraphModule, node: Node) -> AffineOp | str | None:
+    """An eval batch norm as an affine op; a reason if it normalizes with batch statistics;
+    None if ``node`` is no batch norm."""
+    view = batchnorm_view(gm, node)
+    if view is None:
+        return None
+    label = describe(node, gm)
+    if view.training:
+        return (f"{label} is in training mode: it normalizes with batch statistics, which no "
+                "fixed weights reproduce")
+    if view.running_mean is None or view.running_var is None:
+        return (f"{label} has no running statistics: it normalizes with batch statistics, "
+                "which no fixed weights reproduce")
+    affine = batchnorm_affine(view.running_mean, view.running_var, view.weight, view.bias,
+                              view.eps)
+
+    def along(axis: int, shape: tuple[int, ...] | None, channels: int) -> ChannelAffine | str:
+        if axis != 1 and (shape is None or axis % len(shape) != 1):
+            ndim = "an unknown-rank" if shape is None else f"a {len(shape)}-D"
+            return (f"{label} normalizes axis 1 but the layer works on the last axis of "
+                    f"{ndim} tensor")
+        return _check_channels(affine, channels, label)
+
+    return AffineOp(node, view.input, label, along)
+
+
+def _check_channels(affine: ChannelAffine, channels: int, label: str) -> ChannelAffine | str:
+    if affine.channels != channels:
+        return f"{label} has {affine.channels} channels but the layer has {channels}"
+    return affine
+
+
+def scale_bias_op(gm: GraphModule, node: Node) -> AffineOp | str | None:
+    """``x*c``, ``x/c``, ``x+c``, ``x-c``, ``c-x`` (``c`` a constant or parameter) as an affine
+    op; a reason when it is such an op but not foldable; None otherwise."""
+    kind = _arith_kind(node)
+    if kind is None or len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+        return None  # e.g. div with rounding_mode: not affine
+    alpha = node.kwargs.get("alpha", 1)
+    first, second = node.args
+    c_first, c_second = constant_value(gm, first), constant_value(gm, second)
+    if isinstance(first, Node) and c_first is None and c_second is not None:
+        data, const, data_first = first, c_second, True
+    elif isinstance(second, Node) and c_second is None and c_first is not None:
+        data, const, data_first = second, c_first, False
+    else:
+        return None  # two activations (or two constants): not a scale/bias
+    label = describe(node, gm)
+    data_dtype = dtype_of(data)
+    if isinstance(const, Tensor) and const.dim() > 0 and const.dtype != data_dtype:
+        return (f"{label}: the constant is {const.dtype} but the data is {data_dtype}; "
+                "folding would change the result's dtype")
+    if data_dtype is None or dtype_of(node) != data_dtype:
+        return (f"{label} changes the dtype of its input ({data_dtype} -> {dtype_of(node)}), "
+                "or it is unknown")
+    terms = _affine_terms(kind, const, alpha, data_first)
+    if terms is None:
+        return None  # c / x is not affine in x
+    if isinstance(terms, str):
+        return f"{label} {terms}"
+    scale, shift = terms
+
+    def along(axis: int, shape: tuple[int, ...] | None, channels: int) -> ChannelAffine | str:
+        vectors = []
+        for value in (scale, shift):
+            vector = _channel_vector(value, axis, shape, channels)
+            if isinstance(vector, str):
+                return f"{label}: {vector}"
+            vectors.append(vector)
+        return ChannelAffine(*vectors)
+
+    return AffineOp(node, data, label, along)
+
+
+def _affine_terms(kind: str, const: Any, alpha: Any, data_first: bool):
+    """``(scale, shift)`` constants of ``x op c`` (or ``c op x``); None if not affine in x."""
+    if kind == "mul":
+        return const, 0.0
+    if kind == "div":
+        if not data_first:
+            return None
+        if isinstance(const, Tensor) and bool(torch.any(const == 0)) or (
+            not isinstance(const, Tensor) and const == 0
+        ):
+            return "divides by a constant that contains zero"
+        return 1.0 / _as64(const), 0.0
+    sign = 1.0 if kind == "add" else -1.0
+    if data_first:  # x + alpha*c or x - alpha*c
+        return 1.0, sign * alpha * _as64(const)
+    return sign * alpha, const  # c + alpha*x or c - alpha*x
+
+
+def _as64(value: Any) -> Any:
+    return value.detach().to(FOLD_DTYPE) if isinstance(value, Tensor) else float(value)
+
+
+def _channel_vector(
+    value: Any, axis: int, shape: tuple[int, ...] | None, channels: int
+) -> Tensor | str:
+    """``value`` broadcast against a tensor of ``shape`` as one entry per channel of ``axis``."""
+    if not isinstance(value, Tensor) or value.dim() == 0:
+        return torch.full((channels,), float(value), dtype=FOLD_DTYPE)
+    if shape is None:
+        return "the shape of its input is unknown (run shape propagation)"
+    if value.dim() > len(shape):
+        return f"a constant of shape {tuple(value.shape)} would broadcast the output to more axes"
+    aligned = (1,) * (len(shape) - value.dim()) + tuple(value.shape)
+    channel_axis = axis % len(shape)
+    for position, (size, extent) in enumerate(zip(aligned, shape, strict=True)):
+        if size != 1 and not (position == channel_axis and size == extent):
+            return (f"a constant of shape {tuple(value.shape)} is not per-channel along axis "
+                    f"{channel_axis} of a {list(shape)} tensor")
+    flat = value.detach().to(FOLD_DTYPE).reshape(-1)
+    return flat.expand(channels).clone() if flat.numel() == 1 else flat
+
+
+def affine_op(gm: GraphModule, node: Node) -> AffineOp | str | None:
+    """A batch norm or scale/bias node as an affine op (see :func:`batchnorm_op`)."""
+    found = batchnorm_op(gm, node)
+    return found if found is not None else scale_bias_op(gm, node)
+
+
+# --- one node as a kernel -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearStep:
+    """A node that applies ``kernel`` to ``input`` (a conv, BN/scale, average pool or crop).
+
+    The kernel (a float64 copy of the weights) is built on first use: most candidates are
+    rejected on structure alone; :attr:`shape_kernel` has the same shape and settings on the
+    meta device, to price a merge before building it.
+    """
+
+    node: Node
+    input: Node
+    build: Callable[[], Kernel]
+    is_conv: bool
+    origin: str  # module path (or node name) for naming the merged conv
+    build_shape: Callable[[], Kernel] | None = None
+
+    @functools.cached_property
+    def kernel(self) -> Kernel:
+        return self.build()
+
+    @functools.cached_property
+    def shape_kernel(self) -> Kernel:
+        if self.build_shape is not None:
+            return self.build_shape()
+        return on_meta(self.kernel)
+
+
+def numeric_padding(layer: LayerView) -> tuple[int, ...] | None:
+    """A conv's padding as numbers (``'valid'`` is 0, symmetric ``'same'``), else None."""
+    if not isinstance(layer.padding, str):
+        return layer.padding
+    if layer.padding == "valid":
+        return (0,) * layer.spatial_dims
+    totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+    if any(t % 2 for t in totals):
+        return None  # asymmetric 'same' padding has no conv-padding equivalent
+    return tuple(t // 2 for t in totals)
+
+
+_AVGPOOL_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_AVGPOOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+                      torch.ops.aten.avg_pool2d.default: 2, torch.ops.aten.avg_pool3d.default: 3}
+_AVGPOOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override")
+_AVGPOOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False,
+                     "count_include_pad": True, "divisor_override": None}
+
+
+@dataclass(frozen=True)
+class AvgPool:
+    """An average pool's settings, whatever its spelling."""
+
+    node: Node
+    input: Any
+    dims: int
+    kernel_size: Any
+    stride: Any
+    padding: Any
+    ceil_mode: bool
+    count_include_pad: bool
+    divisor_override: Any
+
+    def settings_reason(self) -> str | None:
+        """Why the pool is not :func:`avgpool_kernel` (computed sizes included), or None."""
+        for name in ("kernel_size", "stride", "padding"):
+            if _has_node(getattr(self, name)):
+                return (f"its {name.replace('_', ' ')} is computed at run time (e.g. from the "
+                        "input's size)")
+        return avgpool_reason(self.padding_tuple(), self.ceil_mode, self.count_include_pad,
+                              self.divisor_override)
+
+    def size(self) -> tuple[int, ...]:
+        return ntuple(self.kernel_size, self.dims)
+
+    def stride_tuple(self) -> tuple[int, ...]:
+        stride = self.stride if self.stride not in (None, [], ()) else self.kernel_size
+        return ntuple(stride, self.dims)
+
+    def padding_tuple(self) -> tuple[int, ...]:
+        return ntuple(self.padding, self.dims)
+
+
+def _has_node(value: Any) -> bool:
+    if isinstance(value, Node):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value)
+
+
+def avgpool_of(gm: GraphModule, node: Node) -> AvgPool | None:
+    """``node`` as an average pool (module, functional or aten), or None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        dims = _AVGPOOL_MODULES.get(type(module))
+        if dims is None or len(node.args) != 1 or node.kwargs:
+            return None
+        settings = {name: getattr(module, name, None) for name in _AVGPOOL_ARGS[1:]}
+        if settings["count_include_pad"] is None:  # AvgPool1d keeps it under another guise
+            settings["count_include_pad"] = True
+        return AvgPool(node, node.args[0], dims, **settings)
+    if node.op == "call_function" and node.target in _AVGPOOL_FUNCTIONS:
+        settings = bind_args(node, _AVGPOOL_ARGS, _AVGPOOL_DEFAULTS)
+        data = settings.pop("input")
+        return AvgPool(node, data, _AVGPOOL_FUNCTIONS[node.target], **settings)
+    return None
+
+
+def lift(gm: GraphModule, node: Node) -> LinearStep | str | None:
+    """The kernel ``node`` applies to its data input; a reason when ``node`` is a linear op
+    that cannot be lifted exactly; None when it is not such an op."""
+    layer = layer_view(gm, node)
+    if layer is not None:
+        return _lift_conv(gm, layer)
+    shape = shape_of(node)
+    if shape is None or len(shape) < 3:
+        return None  # per-channel ops on N×C tensors are the fold passes' business
+    dims = len(shape) - 2
+    pool = avgpool_of(gm, node)
+    if pool is not None:
+        return _lift_pool(gm, pool, shape, dims)
+    crop = crop_of(node)
+    if crop is not None:
+        data, amounts = crop
+        if isinstance(amounts, str):
+            return f"{describe(node, gm)} {amounts}"
+        channels = shape[1]
+        return LinearStep(node, data, lambda: crop_kernel(channels, amounts), False, node.name)
+    op = affine_op(gm, node)
+    if op is None or isinstance(op, str):
+        return op
+    affine = op.along(1, shape_of(op.input), shape[1])
+    if isinstance(affine, str):
+        return affine
+    origin = node.target if node.op == "call_module" else node.name
+    return LinearStep(node, op.input, lambda: affine_kernel(affine, dims), False, origin)
+
+
+def _lift_conv(gm: GraphModule, layer: LayerView) -> LinearStep | str | None:
+    if layer.kind != "conv":
+        return None
+    name = describe(layer.node, gm)
+    if layer.padding_mode != "zeros":
+        return (f"{name} pads with '{layer.padding_mode}', which is not a zero-padded "
+                "convolution")
+    padding = numeric_padding(layer)
+    if padding is None:
+        return f"{name} uses asymmetric 'same' padding, which no conv padding expresses"
+
+    def build() -> Kernel:
+        return Kernel.of(layer.weight, layer.bias, layer.stride, padding, layer.dilation,
+                         layer.groups)
+
+    def build_shape() -> Kernel:
+        bias = None if layer.bias is None else layer.bias.to("meta")
+        return Kernel.of(layer.weight.to("meta"), bias, layer.stride, padding, layer.dilation,
+                         layer.groups)
+
+    return LinearStep(layer.node, layer.input, build, True, layer.origin_paths()[0],
+                      build_shape)
+
+
+def _lift_pool(gm: GraphModule, pool: AvgPool, shape: tuple[int, ...],
+               dims: int) -> LinearStep | str | None:
+    if pool.dims != dims or not isinstance(pool.input, Node):
+        return None
+    reason = pool.settings_reason()
+    if reason is not None:
+        return f"the pool is not a convolution: {reason}"
+    size, stride, padding = pool.size(), pool.stride_tuple(), pool.padding_tuple()
+    channels = shape[1]
+    return LinearStep(pool.node, pool.input,
+                      lambda: avgpool_kernel(channels, size, stride, padding), False,
+                      pool.node.name)
+
+
+def crop_of(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
+    """``(input, per-axis crop)`` when ``node`` slices its ``N×C×spatial`` input
+    ``x[:, :, c:-c, ...]`` (or ``x[..., c:-c]``), the same amount from both ends of each
+    spatial axis; a reason instead of the crop for other slices of the spatial axes; None
+    when ``node`` is no such slice."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    data, index = node.args
+    shape = shape_of(data) if isinstance(data, Node) else None
+    if shape is None or len(shape) < 3 or not isinstance(index, tuple):
+        return None
+    if not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        return None
+    if sum(1 for i in index if i is Ellipsis) > 1:
+        return None
+    items = list(index)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
+    items += [slice(None)] * (len(shape) - len(items))
+    if len(items) != len(shape) or any(i != slice(None) for i in items[:2]):
+        return None  # a slice of the batch or channel axes: no convolution
+    crop = []
+    for item in items[2:]:
+        start, stop, step = item.start, item.stop, item.step
+        if any(isinstance(v, Node) for v in (start, stop, step)):
+            return data, "crops by amounts computed at run time"
+        if step not in (None, 1):
+            return None  # subsampling, not a crop
+        if (start is not None and start < 0) or (stop is not None and stop >= 0):
+            return data, "crops by an amount tied to the input's size, not from both ends"
+        low = 0 if start is None else start
+        high = 0 if stop is None else -stop
+        if low != high:
+            return data, f"crops {low} and {high} pixels from the two ends of an axis"
+        crop.append(low)
+    if not any(crop):
+        return None
+    return data, tuple(crop)
+
+
+# --- chains of linear ops back to a shared input --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Branch:
+    """``term = kernel(input)`` through ``nodes`` (term first); ``kernel`` None: identity.
+
+    ``stop`` says why the walk back did not go further than ``input`` (a reason from
+    :func:`lift`), or None.
+    """
+
+    term: Node
+    input: Node
+    kernel: Kernel | None
+    nodes: tuple[Node, ...]
+    has_conv: bool
+    origin: str
+    stop: str | None = None
+
+
+def branch_of(gm: GraphModule, term: Node, consumer: Node) -> Branch:
+    """Walk back from ``term`` through linear ops read only along the chain, composing them.
+
+    The walk stops at a node read elsewhere too (typically the shared input), at a non-linear
+    op, or where composing would not be exact.
+    """
+    if sole_user(term) is not consumer:
+        return Branch(term, term, None, (), False, term.name)
+    kernel: Kernel | None = None
+    nodes: list[Node] = []
+    has_conv, origin, current, stop = False, term.name, term, None
+    while True:
+        step = lift(gm, current)
+        if isinstance(step, str):
+            stop = step
+            break
+        if step is None or (nodes and sole_user(current) is not nodes[-1]):
+            break
+        combined = step.kernel if kernel is None else compose(step.kernel, kernel)
+        if isinstance(combined, str):
+            stop = combined
+            break
+        kernel = combined
+        nodes.append(current)
+        if step.is_conv and not has_conv:
+            origin = step.origin
+        has_conv = has_conv or step.is_conv
+        current = step.input
+    return Branch(term, current, kernel, tuple(nodes), has_conv, origin, stop)
+
+
+def negated(branch: Branch, shape: tuple[int, ...]) -> Branch:
+    """``branch`` subtracted: its kernel (the identity if it has none) negated."""
+    kernel = branch.kernel if branch.kernel is not None else identity_for(shape)
+    return Branch(branch.term, branch.input, negate(kernel), branch.nodes, branch.has_conv,
+                  branch.origin, branch.stop)
+
+
+# --- sums of branches -----------------------------------------------------------------------
+
+
+def _add_sign(node: Node) -> float | None:
+    """The sign (times ``alpha``) of the second operand of a binary add/sub of two activations:
+    ``a + b`` → 1, ``a − b`` → −1, ``torch.add(a, b, alpha=2)`` → 2; None for other nodes."""
+    kind = _arith_kind(node)
+    if kind not in ("add", "sub") or len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+        return None
+    if not all(isinstance(a, Node) and a.op != "get_attr" for a in node.args):
+        return None
+    alpha = node.kwargs.get("alpha", 1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return None
+    return float(alpha) if kind == "add" else -float(alpha)
+
+
+def is_sum(node: Node) -> bool:
+    """``a + b`` or ``a − b`` of two activations (operator, torch or method spelling)."""
+    return _add_sign(node) is not None
+
+
+@dataclass(frozen=True)
+class Term:
+    """An addend of a tree of adds and subtractions: ``sign · node``, read by ``reader``."""
+
+    node: Node
+    reader: Node
+    sign: float
+
+
+def sum_terms(root: Node) -> tuple[list[Term], list[Node]]:
+    """The signed addends of a tree of binary adds/subtractions (inner ones read only by the
+    tree), each with the node that reads it, and the adds themselves."""
+    terms: list[Term] = []
+    adds: list[Node] = []
+
+    def visit(node: Node, sign: float) -> None:
+        adds.append(node)
+        second = _add_sign(node)
+        for arg, factor in zip(node.args, (1.0, second), strict=True):
+            if is_sum(arg) and sole_user(arg) is node:
+                visit(arg, sign * factor)
+            else:
+                terms.append(Term(arg, node, sign * factor))
+
+    visit(root, 1.0)
+    return terms, adds
+
+
+def scaled(kernel: Kernel, factor: float) -> Kernel:
+    """``factor · kernel(x)``: exact for ±1 (a sign flip); other factors round once, as the
+    unfused ``alpha`` multiplication does."""
+    if factor == 1.0:
+        return kernel
+    if factor == -1.0:
+        return negate(kernel)
+    return Kernel(kernel.weight * factor, kernel.bias * factor, kernel.stride, kernel.padding,
+                  kernel.dilation, kernel.groups)
+
+
+# --- zero padding ---------------------------------------------------------------------------
+
+_PAD_ARGS = ("input", "pad", "mode", "value")
+_PAD_DEFAULTS = {"mode": "constant", "value": None}
+_PAD_FUNCTIONS = {F.pad, torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default}
+
+
+def zero_pad(gm: GraphModule, node: Node) -> tuple[Node, tuple[int, ...]] | None:
+    """``(input, per-axis padding)`` of a symmetric constant zero pad of the spatial axes."""
+    if node.op == "call_function" and node.target in _PAD_FUNCTIONS:
+        names = ("input", "pad", "value") if node.target is \
+            torch.ops.aten.constant_pad_nd.default else _PAD_ARGS
+        args = bind_args(node, names, _PAD_DEFAULTS)
+        if args["mode"] != "constant" or args["value"] not in (None, 0, 0.0):
+            return None
+        data, pads = args["input"], args["pad"]
+    elif node.op == "call_module" and isinstance(
+        gm.get_submodule(node.target), (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+    ):
+        data, pads = node.args[0], gm.get_submodule(node.target).padding
+    else:
+        return None
+    shape = shape_of(data)
+    if not isinstance(data, Node) or shape is None or _has_node(pads):
+        return None
+    pads = tuple(pads) if isinstance(pads, (list, tuple)) else (pads,) * (2 * (len(shape) - 2))
+    if len(pads) % 2 or any(pads[i] != pads[i + 1] or pads[i] < 0
+                            for i in range(0, len(pads), 2)):
+        return None  # asymmetric or cropping: not a conv padding
+    per_axis = tuple(reversed(pads[::2]))  # F.pad lists the last axis first
+    spatial = len(shape) - 2
+    if len(per_axis) > spatial:
+        return None  # pads batch or channel axes
+    return data, (0,) * (spatial - len(per_axis)) + per_axis
+
+
+def border_fill(gm: GraphModule, pad: Node) -> Tensor | None:
+    """The per-channel value written over every padded border strip of ``pad``, if any.
+
+    Recognizes ``y = F.pad(x, [p]*2d); y[:, :, :p] = v; y[:, :, -p:] = v; ...`` (DBB's
+    BN-and-pad layer) with ``v`` a constant broadcasting per channel.
+    """
+    fills = setitem_users(pad)
+    return _fill_value(gm, pad, fills) if fills else None
+
+
+def setitem_users(node: Node) -> list[Node]:
+    """The ``node[index] = value`` writes into ``node``."""
+    return [u for u in node.users if u.op == "call_function" and u.target is operator.setitem
+            and u.args and u.args[0] is node]
+
+
+def _fill_value(gm: GraphModule, pad: Node, fills: list[Node]) -> Tensor | None:
+    found = zero_pad(gm, pad)
+    if found is None:
+        return None
+    data, padding = found
+    spatial = len(padding)
+    covered: set[tuple[int, str]] = set()
+    value = None
+    for fill in fills:
+        _, index, fill_value = fill.args
+        constant = constant_value(gm, fill_value)
+        if not isinstance(constant, Tensor) or not isinstance(index, tuple):
+            return None
+        if value is not None and not torch.equal(constant, value):
+            return None
+        value = constant
+        strip = _border_strip(index, padding, spatial)
+        if strip is None:
+            return None
+        covered.add(strip)
+    needed = {(axis, side) for axis in range(spatial) if padding[axis]
+              for side in ("low", "high")}
+    if covered != needed or value is None:
+        return None
+    return value.reshape(-1)
+
+
+def _border_strip(index: tuple, padding: tuple[int, ...], spatial: int) -> tuple[int, str] | None:
+    """``(axis, 'low'|'high')`` if ``index`` selects exactly one padded border strip."""
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (2 + spatial - len(index) + 1) + index[at + 1:]
+    index = index + (slice(None),) * (2 + spatial - len(index))
+    if len(index) != 2 + spatial or any(i != slice(None) for i in index[:2]):
+        return None
+    strip = None
+    for axis, item in enumerate(index[2:]):
+        if item == slice(None):
+            continue
+        if strip is not None or not isinstance(item, slice) or item.step not in (None, 1):
+            return None
+        p = padding[axis]
+        if item.start in (0, None) and item.stop == p:
+            strip = (axis, "low")
+        elif item.start == -p and item.stop is None:
+            strip = (axis, "high")
+        else:
+            return None
+    return strip
+
+
+# --- lowering a kernel back to a layer ------------------------------------------------------
+
+
+def kernel_module(kernel: Kernel, like: Tensor) -> nn.Module:
+    """A fresh ``nn.Conv*d`` holding ``kernel``, in the dtype and device of ``like``."""
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[kernel.spatial_dims]
+    module = new_layer(cls, kernel.in_channels, kernel.out_channels, kernel.kernel_size,
+                       kernel.stride, kernel.padding, kernel.dilation, kernel.groups, bias=True,
+                       dtype=like.dtype)
+    module.weight = frozen_parameter(kernel.weight.to(like))
+    module.bias = frozen_parameter(kernel.bias.to(like))
+    return module
+
+
+def linear_kernel(weight: Tensor, bias: Tensor | None, dims: int = 1) -> Kernel:
+    """A linear layer ``(C_out, C_in)`` as a 1×…×1 conv with ``dims`` spatial axes: on
+    ``N×C_in×1…1`` they compute the same, so the conv algebra applies to linear layers too."""
+    return Kernel.of(weight.reshape(*weight.shape, *(1,) * dims), bias, (1,) * dims,
+                     (0,) * dims, (1,) * dims, 1)
+
+
+def linear_module(kernel: Kernel, like: Tensor) -> nn.Linear:
+    """A fresh ``nn.Linear`` holding a 1×…×1 ``kernel`` (densified to one group)."""
+    dense = regroup(kernel, 1)
+    module = new_layer(nn.Linear, dense.in_channels, dense.out_channels, dtype=like.dtype)
+    weight = dense.weight.reshape(dense.out_channels, dense.in_channels)
+    module.weight = frozen_parameter(weight.to(like))
+    module.bias = frozen_parameter(dense.bias.to(like))
+    return module
+
+
+def weight_like(gm: GraphModule, nodes) -> Tensor:
+    """A conv weight among ``nodes``: the merged conv takes its dtype and device."""
+    for node in nodes:
+        layer = layer_view(gm, node)
+        if layer is not None:
+            return layer.weight
+    raise AssertionError("a merge always involves a conv")
+
+
+def identity_for(shape: tuple[int, ...]) -> Kernel:
+    """The identity on a tensor of ``shape``, as a depthwise 1×…×1 kernel."""
+    channels, dims = shape[1], len(shape) - 2
+    return identity_kernel(channels, 1, dims, groups=channels)
+
+
+def kernel_area(kernel: Kernel | None) -> int:
+    return 0 if kernel is None else math.prod(kernel.kernel_size)
+
+
+# --- layout ops: where a channel axis goes ---------------------------------------------------
+
+_PERMUTES = {"permute", torch.permute, torch.ops.aten.permute.default}
+_TRANSPOSES = {"transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes,
+               torch.ops.aten.transpose.int}
+_FLATTENS = {"flatten", torch.flatten}
+_RESHAPES = {"reshape", "view", "reshape_as", "view_as", torch.reshape,
+             torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+             torch.ops.aten._unsafe_view.default}
+_IDENTITIES = {"contiguous", torch.ops.aten.clone.default}
+
+
+def _layout_target(node: Node) -> Any:
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return node.target
+    if node.op == "call_module" and isinstance(
+            node.graph.owning_module.get_submodule(node.target), nn.Flatten):
+        return nn.Flatten
+    return None
+
+
+def is_layout(node: Node) -> bool:
+    """True for an op that only rearranges its input's elements (permute, transpose, flatten,
+    reshape, view, contiguous)."""
+    target = _layout_target(node)
+    if target is None:
+        return False
+    try:
+        return target in _PERMUTES | _TRANSPOSES | _FLATTENS | _RESHAPES | _IDENTITIES or (
+            target is nn.Flatten)
+    except TypeError:  # an unhashable target
+        return False
+
+
+def map_axis(node: Node, axis: int) -> int | None:
+    """The axis of ``node``'s output that holds, element for element, what ``axis`` of its
+    input holds (same size, same positions), for every input size; None when no axis does.
+
+    Permutes and transposes move axes; ``flatten(start, end)`` and squeezes shift the axes
+    after the range; a reshape keeps only a *last* axis that stays last with its size (its
+    row-major stride is 1 in both, whatever the other sizes). Any other reshape could mix the
+    axis with others at other input sizes, so it maps nowhere.
+    """
+    in_shape, out_shape = shape_of(node.args[0]) if node.args else None, shape_of(node)
+    if in_shape is None or out_shape is None:
+        return None
+    rank = len(in_shape)
+    axis %= rank
+    target = _layout_target(node)
+    args = list(node.args[1:])
+    if _has_node(args) or any(_has_node(v) for v in node.kwargs.values()):
+        return None  # axes computed at run time
+    if target in _IDENTITIES:
+        return axis
+    if target in _PERMUTES:
+        dims = node.kwargs.get("dims", args[0] if len(args) == 1 and isinstance(
+            args[0], (list, tuple)) else args)
+        dims = [d % rank for d in dims]
+        return dims.index(axis) if axis in dims else None
+    if target in _TRANSPOSES:
+        first, second = (a % rank for a in args[:2])
+        return second if axis == first else first if axis == second else axis
+    if target in _FLATTENS or target is nn.Flatten:
+        if target is nn.Flatten:
+            module = node.graph.owning_module.get_submodule(node.target)
+            start, end = module.start_dim, module.end_dim
+        else:
+            bound = bind_args(node, ("input", "start_dim", "end_dim"),
+                              {"start_dim": 0, "end_dim": -1})
+            start, end = bound["start_dim"], bound["end_dim"]
+        start, end = start % rank, end % rank
+        if axis < start:
+            return axis
+        if axis > end:
+            return axis - (end - start)
+        return None  # merged with its neighbours
+    if target in _RESHAPES:
+        if axis == rank - 1 and out_shape[-1] == in_shape[-1]:
+            return len(out_shape) - 1
+        return None
+    return None
+
+
+def layout_chain(start: Node, stop: Node | None = None) -> list[Node]:
+    """The layout ops from ``start`` forward, each the sole reader of the one before (the
+    first reading ``start``), up to but not including ``stop`` or the first other op."""
+    chain, current = [], start
+    while True:
+        user = sole_user(current)
+        if user is None or user is stop or not is_layout(user) or user.args[0] is not current:
+            return chain
+        chain.append(user)
+        current = user
+
+
+def map_axis_through(chain: list[Node], axis: int) -> int | None:
+    """:func:`map_axis` through every op of ``chain``, in order."""
+    for node in chain:
+        if axis is None:
+            return None
+        axis = map_axis(node, axis)
+    return axis
+
+
+def replay(gm: GraphModule, chain: list[Node], data: Node) -> Node:
+    """The ops of ``chain`` applied again, in order, to ``data`` (insert where the caller
+    says); each copy keeps the recorded shape of the op it copies."""
+    current = data
+    for node in chain:
+        current_args = (current, *node.args[1:])
+        copied = gm.graph.create_node(node.op, node.target, current_args, dict(node.kwargs))
+        for key in ("tensor_meta", "type"):
+            if key in node.meta:
+                copied.meta[key] = node.meta[key]
+        current = copied
+    return current
