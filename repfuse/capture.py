@@ -48,17 +48,13 @@ from torch.fx.proxy import Attribute, TraceError
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
-from repfuse.errors import CaptureError, RepfuseError
+from repfuse.errors import CaptureError, RepfuseError, RepfuseWarning
 from repfuse.graph import gc_paused
 
 ExampleInputs = Tensor | Sequence[Tensor]
 
 # Attribute on a captured (and fused) model holding its CaptureInfo; survives copy and pickle.
 CAPTURE_ATTR = "_repfuse_capture"
-
-
-class RepfuseWarning(UserWarning):
-    """Something the user should know about a conversion that still goes ahead."""
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:

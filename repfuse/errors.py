@@ -32,3 +32,12 @@ class VerificationError(RepfuseError):
 
 class GraphInvariantError(RuntimeError):
     """A rewrite left the graph inconsistent: a bug in repfuse, never the user's fault."""
+
+
+class RepfuseWarning(UserWarning):
+    """Something the user should know about a conversion that still goes ahead."""
+
+
+class PassBugWarning(RepfuseWarning):
+    """A pass raised while examining a candidate: a bug in repfuse. The candidate was left as
+    it was (declined), the rest of the model was still fused."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import operator
 import re
 from collections import Counter
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.graph import CodeGen, PythonCode, _format_target
+
+from repfuse.algebra import ntuple
 
 aten = torch.ops.aten
 
@@ -135,12 +138,6 @@ def constant_value(gm: GraphModule, arg: Any) -> Tensor | float | int | None:
         value = fetch_attr(gm, arg.target)
         return value if isinstance(value, Tensor) else None
     return None
-
-
-def _ntuple(value: Any, n: int) -> tuple[int, ...]:
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),) * n
 
 
 @dataclass(frozen=True)
@@ -286,18 +283,21 @@ def layer_view(gm: GraphModule, node: Node) -> LayerView | None:
         return None  # weights computed at run time (dynamic conv): not a constant layer
     if bias_node is not None and not _is_attr(bias_node):
         return None
-    padding = args["padding"] if isinstance(args["padding"], str) else _ntuple(args["padding"],
+    if any(_has_node(args[name]) for name in ("stride", "padding", "dilation", "groups",
+                                               "output_padding")):
+        return None  # settings computed at run time: no fixed layer
+    padding = args["padding"] if isinstance(args["padding"], str) else ntuple(args["padding"],
                                                                                 dims)
     attr_nodes = tuple(n for n in (weight_node, bias_node) if n is not None)
     return LayerView(
         node=node, kind=kind, spatial_dims=dims, input=data,
         weight=fetch_attr(gm, weight_node.target),
         bias=None if bias_node is None else fetch_attr(gm, bias_node.target),
-        stride=_ntuple(args["stride"], dims) if dims else (),
+        stride=ntuple(args["stride"], dims) if dims else (),
         padding=padding if dims else (),
-        dilation=_ntuple(args["dilation"], dims) if dims else (),
+        dilation=ntuple(args["dilation"], dims) if dims else (),
         groups=int(args["groups"]),
-        output_padding=_ntuple(args["output_padding"], dims) if kind == "conv_transpose" else (),
+        output_padding=ntuple(args["output_padding"], dims) if kind == "conv_transpose" else (),
         padding_mode="zeros", module_path=None, attr_nodes=attr_nodes,
     )
 
@@ -317,6 +317,12 @@ def origin_paths_of(node: Node) -> tuple[str, ...]:
 
 def _paths_of_attrs(attrs: Iterable[Node]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for n in attrs for p in origin_paths_of(n)))
+
+
+def _has_node(value: Any) -> bool:
+    if isinstance(value, Node):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value)
 
 
 def _is_attr(arg: Any) -> bool:
@@ -437,9 +443,91 @@ class UseIndex:
         return None
 
 
+# What a tensor's metadata is read through: these do not read its values, so they do not
+# keep a fold or merge from replacing the tensor (see :func:`reads_metadata_only`).
+METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout",
+                                 "is_sparse", "is_quantized", "is_meta", "requires_grad"})
+METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device",
+                              "is_floating_point", "is_complex", "element_size",
+                              "is_contiguous"})
+# Of those, the ones that give the rank, which no input size changes.
+RANK_ATTRIBUTES = frozenset({"ndim"})
+RANK_METHODS = frozenset({"dim", "ndimension"})
+
+
+# Methods that take the shape (or dtype) of a second tensor: ``y.reshape_as(x)`` reads only
+# the metadata of ``x``.
+_SHAPE_SOURCE_METHODS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
+
+
+def reads_metadata_only(user: Node, node: Node) -> bool:
+    """True when ``user`` reads only the metadata of ``node`` (``node.shape``, ``node.ndim``,
+    ``node.size(1)``, ``node.device``, ``y.reshape_as(node)``, ...), not its values."""
+    if (user.op == "call_method" and user.target in _SHAPE_SOURCE_METHODS
+            and len(user.args) == 2 and user.args[1] is node and user.args[0] is not node):
+        return True
+    if not user.args or user.args[0] is not node:
+        return False
+    if any(a is node for a in _flat_args(user)[1:]):
+        return False
+    if user.op == "call_function" and user.target is getattr:
+        return len(user.args) == 2 and user.args[1] in METADATA_ATTRIBUTES
+    return user.op == "call_method" and user.target in METADATA_METHODS
+
+
+def reads_rank_only(user: Node, node: Node) -> bool:
+    """True when ``user`` is ``node.ndim``, ``node.dim()`` or ``node.ndimension()``."""
+    if not reads_metadata_only(user, node):
+        return False
+    if user.op == "call_function":
+        return user.args[1] in RANK_ATTRIBUTES
+    return user.target in RANK_METHODS and len(user.args) == 1 and not user.kwargs
+
+
+# Python functions on plain values (shapes, sizes, flags) that a traced graph records when code
+# computes with metadata: ``x.size(2) // 2``, ``math.sqrt(c)``, ``x.ndim == 4``.
+_NOT_PURE = {operator.setitem, operator.delitem, operator.concat}
+SCALAR_FUNCTIONS = frozenset(
+    f for f in (*vars(operator).values(), *vars(math).values())
+    if callable(f) and f not in _NOT_PURE and not getattr(f, "__name__", "").startswith("i")
+) | {int, float, bool, len, min, max, abs, round}
+
+
+def is_metadata_helper(node: Node) -> bool:
+    """True for a node that computes a plain value from metadata or other plain values
+    (``x.shape``, ``x.size(1) * 2``, ``x.ndim == 4``): pure, no tensor values read."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in METADATA_ATTRIBUTES
+    if node.op == "call_method":
+        return node.target in METADATA_METHODS
+    return node.op == "call_function" and node.target in SCALAR_FUNCTIONS and not any(
+        _produces_tensor(a) for a in node.all_input_nodes)
+
+
+def _produces_tensor(node: Node) -> bool:
+    kind = node.meta.get("type")
+    if kind is not None:
+        return isinstance(kind, type) and issubclass(kind, Tensor)
+    return "tensor_meta" in node.meta or node.op in ("call_module", "placeholder")
+
+
+def data_users(node: Node) -> list[Node]:
+    """The nodes that read ``node``'s values (metadata reads such as ``x.shape`` excluded)."""
+    return [u for u in node.users if not reads_metadata_only(u, node)]
+
+
+def metadata_readers(node: Node) -> list[Node]:
+    """The nodes that read only ``node``'s metadata (``x.shape``, ``x.ndim``, ...)."""
+    return [u for u in node.users if reads_metadata_only(u, node)]
+
+
 def sole_user(node: Node) -> Node | None:
-    """The only node that reads ``node``'s output (read once), or None."""
-    users = list(node.users)
+    """The only node that reads ``node``'s values (read once), or None.
+
+    Reads of its metadata (``x.ndim`` in an assert, ``x.shape`` for a reshape) do not count:
+    a rewrite that removes ``node`` moves them to the node standing for it, or declines.
+    """
+    users = data_users(node)
     if len(users) != 1:
         return None
     user = users[0]
@@ -447,7 +535,17 @@ def sole_user(node: Node) -> Node | None:
     return user if reads == 1 else None
 
 
-def _flat_args(node: Node) -> Iterable[Any]:
+def other_users(gm: GraphModule, node: Node, expected: Node | None = None) -> str:
+    """Why ``node`` is not read by ``expected`` alone, naming the other readers."""
+    others = [u for u in data_users(node) if u is not expected]
+    if not others:
+        return f"{describe(node, gm)} is read twice by {describe(expected, gm)}"
+    shown = ", ".join(describe(u, gm) for u in others[:3])
+    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+    return f"the output of {describe(node, gm)} is also used elsewhere, by {shown}{more}"
+
+
+def _flat_args(node: Node) -> list[Any]:
     flat: list[Any] = []
     torch.fx.node.map_aggregate((node.args, node.kwargs), flat.append)
     return flat

@@ -8,6 +8,7 @@ Test modules import the helpers with ``from conftest import ...``.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +19,11 @@ from torch.fx import GraphModule
 
 import repfuse
 from repfuse.passes import PassResult
+from repfuse.passes.base import STRICT_ENV
+
+# A pass that raises while examining a candidate declines it (with a PassBugWarning) so a user's
+# conversion goes on; in the test suite it fails the test instead.
+os.environ[STRICT_ENV] = "1"
 
 # Property tests (tests/property): "ci" by default; `pytest --hypothesis-profile=long` for the
 # long run. max_examples counts per test.

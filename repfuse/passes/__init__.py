@@ -25,19 +25,21 @@ from repfuse.passes.base import (
 from repfuse.passes.cleanup import RemoveNoops
 from repfuse.passes.constants import FoldConstants
 from repfuse.passes.fold_affine import FoldBatchNorm, FoldScaleBias
+from repfuse.passes.metadata import ResolveMetadata
 from repfuse.passes.pooling import HoistGlobalPool
 from repfuse.passes.reparam import ComposeLinear, MergeBranches, MergePadding
 from repfuse.passes.siblings import MergeSiblings
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
-    for cls in (RemoveNoops, FoldConstants, FoldBatchNorm, FoldScaleBias, MergePadding,
-                ComposeLinear, MergeBranches, HoistGlobalPool, MergeSiblings)
+    for cls in (ResolveMetadata, RemoveNoops, FoldConstants, FoldBatchNorm, FoldScaleBias,
+                MergePadding, ComposeLinear, MergeBranches, HoistGlobalPool, MergeSiblings)
 }
 
 # The default pipeline, in the order passes are tried at each node. Passes of a later stage
 # (``Pass.stage``: merge_siblings) run once the earlier ones have reached their fixed point.
 DEFAULT_PIPELINE: tuple[str, ...] = (
+    "resolve_metadata",
     "remove_noops",
     "fold_constants",
     "fold_batchnorm",
@@ -89,6 +91,7 @@ def _single(cls: type[Pass]):
     return run
 
 
+resolve_metadata = _single(ResolveMetadata)
 remove_noops = _single(RemoveNoops)
 fold_constants = _single(FoldConstants)
 fold_batchnorm = _single(FoldBatchNorm)
@@ -115,7 +118,8 @@ def run_pipeline(
 __all__ = [
     "DEFAULT_PIPELINE", "REGISTRY", "ComposeLinear", "Decline", "FoldBatchNorm", "FoldConstants",
     "FoldScaleBias", "HoistGlobalPool", "MergeBranches", "MergePadding", "MergeSiblings", "Pass",
-    "PassResult", "RemoveNoops", "Rewrite", "Rewriter", "compose_linear", "fold_batchnorm",
-    "fold_constants", "fold_scale_bias", "history", "hoist_global_pool", "merge_branches",
-    "merge_padding", "merge_siblings", "remove_noops", "resolve", "run_passes", "run_pipeline",
+    "PassResult", "RemoveNoops", "ResolveMetadata", "Rewrite", "Rewriter", "compose_linear",
+    "fold_batchnorm", "fold_constants", "fold_scale_bias", "history", "hoist_global_pool",
+    "merge_branches", "merge_padding", "merge_siblings", "remove_noops", "resolve",
+    "resolve_metadata", "run_passes", "run_pipeline",
 ]

@@ -19,25 +19,36 @@ work is linear in the graph size.
 from __future__ import annotations
 
 import operator
+import os
+import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 
 from repfuse.cost import NodeCost, node_cost, nodes_cost
-from repfuse.errors import GraphInvariantError
+from repfuse.errors import GraphInvariantError, PassBugWarning
 from repfuse.graph import (
     META_KEY,
     UseIndex,
+    arith_kind,
+    describe,
     gc_paused,
+    is_metadata_helper,
     meta_with_size,
+    metadata_readers,
     origin_paths_of,
+    shape_of,
     use_direct_module_access,
 )
+from repfuse.lift import LinearStep, affine_op, lift
+from repfuse.passes.nonlinear import classify
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,20 @@ def _removed(result: PassResult) -> set[str]:
     return {name for r in result.rewrites for name in r.replaced}
 
 
+class RewriteRefused(Exception):
+    """A rewrite found, before changing anything, that it would not be exact or safe; the
+    pipeline records the message as the candidate's decline."""
+
+
+# Set (e.g. by a test suite) to make a pass that raises while examining a candidate fail
+# loudly instead of declining it with a PassBugWarning.
+STRICT_ENV = "REPFUSE_STRICT_PASSES"
+
+
+def _strict() -> bool:
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
 class Pass:
     """Base of all passes. Subclasses are frozen dataclasses; fields are options."""
 
@@ -182,6 +207,13 @@ class Rewriter:
         self.rewrites: list[Rewrite] = []
         self.touched: list[Node] = []  # nodes whose neighbourhood a rewrite changed
         self.pending: set[Node] = set()  # nodes the pipeline will still visit
+        self.mutating = False  # True while a rewrite is changing the graph
+
+    @contextmanager
+    def _mutation(self) -> Iterator[None]:
+        self.mutating = True
+        yield
+        self.mutating = False
 
     def replace_with_module(
         self,
@@ -195,6 +227,7 @@ class Rewriter:
         detail: str = "",
         exact: bool = True,
         wrap: Callable[[Node], Node] | None = None,
+        same_shape_as_new: Node | None = None,
     ) -> Rewrite:
         """Compute ``root``'s value with a new ``module(*args)`` and delete ``replaced``.
 
@@ -206,10 +239,12 @@ class Rewriter:
         ``root`` must be in ``replaced``; every other replaced node must be read only by
         replaced nodes. ``module_path`` is reused when only ``replaced`` use the module there
         (so the fused conv keeps the train-form conv's name and state-dict keys); otherwise a
-        fresh path is derived from it.
+        fresh path is derived from it. ``same_shape_as_new``, a replaced node whose output has
+        the new module's shape on every input (the layer a fold rewrites), takes the reads of
+        its metadata to the new node.
         """
         return self._replace(pass_name, [root], replaced, module, args, module_path, detail,
-                             exact, wrap, split=None)
+                             exact, wrap, split=None, same_shape_as_new=same_shape_as_new)
 
     def replace_with_split(
         self,
@@ -233,38 +268,71 @@ class Rewriter:
                              detail, True, None, split=(tuple(sizes), dim))
 
     def _replace(self, pass_name, roots, replaced, module, args, module_path, detail, exact,
-                 wrap, split) -> Rewrite:
+                 wrap, split, same_shape_as_new: Node | None = None) -> Rewrite:
+        # may refuse: before any change
+        metadata = self._metadata_plan(replaced, roots, same_shape_as_new)
         cost_before = nodes_cost(self.gm, replaced)  # before the module at the path changes
-        target = self._place_module(module_path, module, replaced)
-        first = roots[0]
-        anchor = first.prev
-        with self.gm.graph.inserting_before(first):
-            if callable(args):
-                args = args()
-            new = self.gm.graph.call_module(target, args)
-            if "tensor_meta" in first.meta:
-                new.meta["tensor_meta"] = first.meta["tensor_meta"]  # wrap/split may refine it
-            results = [new]
-            if wrap is not None:
-                results = [wrap(new)]
-            elif split is not None:
-                results = self._split(new, roots, *split)
-        created = _between(anchor, first)
-        for node in created:
-            self.index.on_create(node)
-        paths = _merge_paths(origin_paths_of(n) for n in replaced)
-        record = Rewrite(pass_name, new.name, tuple(n.name for n in replaced), paths,
-                         module=target, exact=exact, detail=detail, cost_before=cost_before,
-                         cost_after=nodes_cost(self.gm, created),
-                         stands_for=tuple(
-                             (r.name, x.name) for r, x in zip(roots, results, strict=True)))
-        new.meta[META_KEY] = record
-        for root, result in zip(roots, results, strict=True):
-            root.replace_all_uses_with(result)
-        self._erase(replaced)
+        with self._mutation():
+            target = self._place_module(module_path, module, replaced)
+            first = roots[0]
+            anchor = first.prev
+            with self.gm.graph.inserting_before(first):
+                if callable(args):
+                    args = args()
+                new = self.gm.graph.call_module(target, args)
+                if "tensor_meta" in first.meta:
+                    new.meta["tensor_meta"] = first.meta["tensor_meta"]  # wrap/split may refine
+                results = [new]
+                if wrap is not None:
+                    results = [wrap(new)]
+                elif split is not None:
+                    results = self._split(new, roots, *split)
+            created = _between(anchor, first)
+            for node in created:
+                self.index.on_create(node)
+            paths = _merge_paths(origin_paths_of(n) for n in replaced)
+            record = Rewrite(pass_name, new.name, tuple(n.name for n in replaced), paths,
+                             module=target, exact=exact, detail=detail,
+                             cost_before=cost_before, cost_after=nodes_cost(self.gm, created),
+                             stands_for=tuple(
+                                 (r.name, x.name) for r, x in zip(roots, results, strict=True)))
+            new.meta[META_KEY] = record
+            for reader, node, root in metadata:
+                result = new if root is None else results[roots.index(root)]
+                reader.replace_input_with(node, result)
+                _move_after(reader, result)
+            for root, result in zip(roots, results, strict=True):
+                root.replace_all_uses_with(result)
+            self._erase(replaced)
         self.rewrites.append(record)
         self.touched.extend(created)
         return record
+
+    def _metadata_plan(self, replaced: Sequence[Node], roots: Sequence[Node],
+                       same_shape_as_new: Node | None) -> list[tuple[Node, Node, Node | None]]:
+        """Where the metadata reads (``x.shape``, ``x.device``) of the replaced nodes that are
+        not roots go: ``(reader, node, root)``, the root's replacement having the same
+        metadata as ``node`` on every input (root None: the new module's output). Raise
+        :class:`RewriteRefused` when there is no such node."""
+        doomed = set(replaced)
+        plan: list[tuple[Node, Node, Node | None]] = []
+        for node in replaced:
+            if node in roots:
+                continue
+            for reader in metadata_readers(node):
+                if reader in doomed:
+                    continue
+                if node is same_shape_as_new:
+                    plan.append((reader, node, None))
+                    continue
+                root = _same_metadata_root(node, doomed, roots)
+                if root is None:
+                    raise RewriteRefused(
+                        f"{describe(reader, self.gm)} reads the metadata of "
+                        f"{describe(node, self.gm)}, which the rewrite removes, and no tensor "
+                        "it leaves is sure to have the same shape on every input")
+                plan.append((reader, node, root))
+        return plan
 
     def _split(self, new: Node, roots: Sequence[Node], sizes: tuple[int, ...],
                dim: int) -> list[Node]:
@@ -291,20 +359,23 @@ class Rewriter:
         while hasattr(self.gm, f"{name}{n}"):
             n += 1
         target = f"{name}{n}"
-        if parameter is not None:
-            self.gm.register_parameter(target, parameter)
-        else:
-            self.gm.register_buffer(target, value)
-        with self.gm.graph.inserting_before(node):
-            new = self.gm.graph.get_attr(target)
-        self.index.on_create(new)
-        new.meta["tensor_meta"] = node.meta.get("tensor_meta")
-        record = Rewrite(pass_name, new.name, (node.name,), origin_paths_of(node),
-                         module=None, detail=detail, cost_before=node_cost(self.gm, node),
-                         cost_after=NodeCost(), stands_for=((node.name, new.name),))
-        new.meta[META_KEY] = record
-        node.replace_all_uses_with(new)
-        self._erase([node])
+        cost_before = node_cost(self.gm, node)
+        with self._mutation():
+            if parameter is not None:
+                self.gm.register_parameter(target, parameter)
+            else:
+                self.gm.register_buffer(target, value)
+            with self.gm.graph.inserting_before(node):
+                new = self.gm.graph.get_attr(target)
+            self.index.on_create(new)
+            new.meta["tensor_meta"] = node.meta.get("tensor_meta")
+            new.meta["type"] = type(value)
+            record = Rewrite(pass_name, new.name, (node.name,), origin_paths_of(node),
+                             module=None, detail=detail, cost_before=cost_before,
+                             cost_after=NodeCost(), stands_for=((node.name, new.name),))
+            new.meta[META_KEY] = record
+            node.replace_all_uses_with(new)
+            self._erase([node])
         self.rewrites.append(record)
         self.touched.append(new)
         return record
@@ -312,13 +383,40 @@ class Rewriter:
     def bypass(self, pass_name: str, node: Node, source: Node, detail: str = "") -> Rewrite:
         """Remove ``node``, whose value equals ``source``'s, rerouting its users to ``source``."""
         cost_before = node_cost(self.gm, node)
-        node.replace_all_uses_with(source)
-        record = Rewrite(pass_name, source.name, (node.name,), origin_paths_of(node),
-                         detail=detail, cost_before=cost_before, cost_after=NodeCost(),
-                         stands_for=((node.name, source.name),))
-        self._erase([node])
+        with self._mutation():
+            node.replace_all_uses_with(source)
+            record = Rewrite(pass_name, source.name, (node.name,), origin_paths_of(node),
+                             detail=detail, cost_before=cost_before, cost_after=NodeCost(),
+                             stands_for=((node.name, source.name),))
+            self._erase([node])
         self.rewrites.append(record)
         self.touched.append(source)
+        return record
+
+    def inline_value(self, pass_name: str, node: Node, value: Any, detail: str) -> Rewrite:
+        """Replace a node computing a plain value (a rank, a flag) by that value in the
+        arguments of its users, and remove it."""
+        users = list(node.users)
+        with self._mutation():
+            for user in users:
+                user.args = map_arg(user.args, lambda n: value if n is node else n)
+                user.kwargs = map_arg(user.kwargs, lambda n: value if n is node else n)
+            record = Rewrite(pass_name, users[0].name if users else "", (node.name,),
+                             origin_paths_of(node), detail=detail)
+            self._erase([node])
+        self.rewrites.append(record)
+        self.touched.extend(users)
+        return record
+
+    def remove(self, pass_name: str, node: Node, detail: str) -> Rewrite:
+        """Remove ``node``, which nothing reads and whose call has no effect (e.g. an assert
+        whose condition is the constant True)."""
+        neighbours = list(node.all_input_nodes)
+        with self._mutation():
+            record = Rewrite(pass_name, "", (node.name,), origin_paths_of(node), detail=detail)
+            self._erase([node])
+        self.rewrites.append(record)
+        self.touched.extend(n for n in neighbours if n not in self.erased)
         return record
 
     def is_erased(self, node: Node) -> bool:
@@ -382,9 +480,14 @@ class Rewriter:
             self.gm.graph.erase_node(node)
             self.index.on_erase(node)
             self.erased.add(node)
-        # Weights read only by the erased nodes go with them.
-        for node in dict.fromkeys(inputs):
-            if node.op == "get_attr" and not node.users and node not in self.erased:
+        # Weights and metadata reads used only by the erased nodes go with them.
+        pending = list(dict.fromkeys(inputs))
+        while pending:
+            node = pending.pop()
+            if node.users or node in self.erased:
+                continue
+            if node.op == "get_attr" or is_metadata_helper(node):
+                pending.extend(node.all_input_nodes)
                 self.gm.graph.erase_node(node)
                 self.index.on_erase(node)
                 self.erased.add(node)
@@ -397,6 +500,69 @@ def _between(anchor: Node, stop: Node) -> list[Node]:
         nodes.append(node)
         node = node.next
     return nodes
+
+
+def _move_after(node: Node, anchor: Node) -> None:
+    """Move ``node`` (and what reads it, transitively) after ``anchor`` when it comes before:
+    a metadata read moved to a new node must follow it."""
+    position = anchor
+    while position.op != "root":  # walk back to find out whether node precedes anchor
+        position = position.prev
+        if position is node:
+            break
+    else:
+        return  # node already comes after anchor
+    moved, order, current = {node}, [node], node.next
+    while current is not anchor:
+        if any(arg in moved for arg in current.all_input_nodes):
+            moved.add(current)
+            order.append(current)
+        current = current.next
+    cursor = anchor
+    for item in order:
+        cursor.append(item)
+        cursor = item
+
+
+def _same_metadata_root(node: Node, doomed: set[Node], roots: Sequence[Node]) -> Node | None:
+    """The root that ``node`` reaches through elementwise, shape-keeping ops only (so the two
+    have the same shape, dtype and device on every input), or None."""
+    current = node
+    while current not in roots:
+        readers = [u for u in current.users if u in doomed]
+        if len(readers) != 1 or not _keeps_shape(current, readers[0]):
+            return None
+        current = readers[0]
+    return current
+
+
+def _keeps_shape(source: Node, user: Node) -> bool:
+    """True when ``user`` maps ``source`` to a tensor of the same shape whatever the input
+    size: an elementwise op whose other tensor operands have ``source``'s recorded shape
+    (BN, scale, bias, activations, sums of branches), or a stride-1 conv/pool that pads
+    ``d(k − 1)/2`` and keeps the channel count."""
+    shape = shape_of(source)
+    if shape is None or shape_of(user) != shape:
+        return False
+    gm = user.graph.owning_module
+    step = lift(gm, user)
+    if isinstance(step, LinearStep) and step.input is source:
+        kernel = step.shape_kernel
+        return kernel.in_channels == kernel.out_channels and all(
+            s == 1 and 2 * p == d * (k - 1) for s, p, d, k in zip(
+                kernel.stride, kernel.padding, kernel.dilation, kernel.kernel_size,
+                strict=True))
+    operands = [a for a in user.all_input_nodes if a is not source and a.op != "get_attr"]
+    return _elementwise(gm, user) and all(shape_of(a) == shape for a in operands)
+
+
+def _elementwise(gm: GraphModule, node: Node) -> bool:
+    """A BN, per-channel scale/bias, arithmetic or activation: each output element is computed
+    from the elements at the same position."""
+    if affine_op(gm, node) is not None or arith_kind(node) is not None:
+        return True
+    found = classify(gm, node)
+    return found is not None and found[1][0] == "activation"
 
 
 def _path_exists(gm: GraphModule, path: str) -> bool:
@@ -458,7 +624,7 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
             continue
         for pass_ in passes:
             declines.pop((pass_.name, node), None)  # a revisit replaces an earlier verdict
-            outcome = pass_.visit(node, rewriter)
+            outcome = _visit(pass_, node, rewriter)
             if isinstance(outcome, Decline):
                 declines[(pass_.name, node)] = outcome
             elif isinstance(outcome, Rewrite):
@@ -477,6 +643,32 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> PassResult:
     result = PassResult(tuple(p.name for p in passes), rewriter.rewrites, kept)
     _record_history(gm, result)
     return result
+
+
+def _visit(pass_: Pass, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
+    """``pass_.visit``, with a refused rewrite as a decline, and an exception raised while
+    examining the candidate as a decline plus a :class:`PassBugWarning` (unless
+    ``REPFUSE_STRICT_PASSES`` is set): one candidate a pass gets wrong must not take the rest
+    of the model down. An exception in the middle of changing the graph is re-raised: the
+    graph may be half rewritten."""
+    try:
+        return pass_.visit(node, rewriter)
+    except RewriteRefused as refused:
+        return pass_.decline(node, str(refused))
+    except Exception as exc:
+        if rewriter.mutating:
+            raise GraphInvariantError(
+                f"{pass_.name} failed while rewriting {node.format_node()}: "
+                f"{type(exc).__name__}: {exc}") from exc
+        if _strict():
+            raise
+        text = str(exc).strip().splitlines()
+        message = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        label = describe(node, rewriter.gm)
+        warnings.warn(f"repfuse bug: {pass_.name} failed while examining {label} ({message}); "
+                      "the candidate is left as it was", PassBugWarning, stacklevel=2)
+        return pass_.decline(node, f"internal error of {pass_.name} (a repfuse bug, please "
+                                   f"report it): {message}")
 
 
 def _drop_unused_attr_nodes(gm: GraphModule) -> None:

@@ -1,10 +1,11 @@
 """Evaluate subgraphs that read only constants, once, at conversion time.
 
-A node whose every tensor input is a ``get_attr`` (a parameter, buffer or traced constant) and
+A node whose every input is a ``get_attr`` (a parameter, buffer or traced constant), or a plain
+value computed from the metadata of one (``w.size(0)``, ``w.device``, ``w.shape[1] // 2``), and
 whose op is pure computes the same tensor on every call. Replacing it by a buffer holding that
 tensor is exact (it is the very value the model computes, in its own dtype). This exposes
-constants that other passes need, e.g. DBB's BN-and-pad value ``β − μ·γ/√(σ² + ε)`` or a
-weight-standardized kernel.
+constants that other passes need, e.g. DBB's BN-and-pad value ``β − μ·γ/√(σ² + ε)``, its
+identity-based 1×1 kernel ``w + id.to(w.device)``, or a weight-standardized kernel.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from repfuse.graph import describe, fetch_attr
+from repfuse.graph import describe, fetch_attr, is_metadata_helper
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 # Ops that mutate, draw random numbers or touch global state: never evaluated ahead of time.
@@ -47,13 +48,16 @@ class FoldConstants(Pass):
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
         if node.op not in ("call_function", "call_method") or not node.all_input_nodes:
             return None
-        if any(n.op != "get_attr" for n in node.all_input_nodes):
-            return None
+        if is_metadata_helper(node):
+            return None  # a plain value: folded into the tensor op that reads it
         if _impure(node) or any(_mutates(user, node) for user in node.users):
             return None  # random, in place, or its value is changed in place later
         gm = rewriter.gm
-        args = map_arg(node.args, lambda n: fetch_attr(gm, n.target))
-        kwargs = map_arg(node.kwargs, lambda n: fetch_attr(gm, n.target))
+        known: dict[Node, Any] = {}
+        if not all(_constant(gm, n, known) for n in node.all_input_nodes):
+            return None
+        args = map_arg(node.args, known.__getitem__)
+        kwargs = map_arg(node.kwargs, known.__getitem__)
         try:
             with torch.no_grad():
                 value = _call(node, args, kwargs)
@@ -64,7 +68,7 @@ class FoldConstants(Pass):
             return None
         value = value.detach().clone()
         weights = [t for n in node.all_input_nodes
-                   if isinstance(t := fetch_attr(gm, n.target), nn.Parameter)]
+                   if isinstance(t := known[n], nn.Parameter)]
         parameter = None
         if weights:  # e.g. a standardized or stacked kernel: a parameter of the fused model
             trainable = any(w.requires_grad for w in weights)
@@ -73,6 +77,26 @@ class FoldConstants(Pass):
             self.name, node, value, detail=f"{describe(node, gm)} evaluated once",
             parameter=parameter,
         )
+
+
+def _constant(gm: GraphModule, node: Node, known: dict[Node, Any]) -> bool:
+    """True (with its value in ``known``) when ``node`` reads a constant, or computes a plain
+    value from constants' metadata and plain values only."""
+    if node in known:
+        return True
+    if node.op == "get_attr":
+        known[node] = fetch_attr(gm, node.target)
+        return True
+    if not is_metadata_helper(node):
+        return False
+    if not all(_constant(gm, n, known) for n in node.all_input_nodes):
+        return False
+    try:
+        known[node] = _call(node, map_arg(node.args, known.__getitem__),
+                            map_arg(node.kwargs, known.__getitem__))
+    except Exception:
+        return False
+    return True
 
 
 def _impure(node: Node) -> bool:

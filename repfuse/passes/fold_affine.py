@@ -12,49 +12,37 @@ A batch norm in eval mode and ``x * c + d`` with constant ``c``, ``d`` are the s
 Both folds need the other layer to be used only here: its new weights must not leak into
 another call of the same module or a parameter tied to it. A map that folds nowhere stays, with
 the reason for each direction.
+
+**Across layout ops.** Real code normalizes after rearranging a layer's output: LeViT's
+``Linear → flatten(0, 1) → BatchNorm1d → reshape_as``, a ``Linear`` on channels-last pixels then
+``permute(0, 3, 1, 2) → BatchNorm2d``. The map ``a`` acts along one axis ``j`` of the rearranged
+tensor ``P(y)``; if ``P`` carries the layer's channel axis onto ``j`` element for element, for
+every input size (:func:`repfuse.lift.map_axis`: permutes and transposes; flattens and reshapes
+that keep it as the last axis or leave it outside the merged range), then
+``a(P(y)) = P(a'(y))`` with ``a'`` the same map along the channel axis, and ``a'`` folds into the
+layer as above; ``P`` is then applied to the new layer's output. The same holds before a
+consuming layer. Where ``P`` mixes the channel axis with others, the map stays, with that reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
-from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from repfuse.algebra import (
-    FOLD_DTYPE,
-    ChannelAffine,
-    batchnorm_affine,
-    fold_affine_into_input,
-    fold_affine_into_output,
-)
-from repfuse.graph import (
-    arith_kind,
-    batchnorm_view,
-    constant_value,
-    describe,
-    dtype_of,
-    layer_view,
-    shape_of,
-    sole_user,
+from repfuse.algebra import fold_affine_into_input, fold_affine_into_output
+from repfuse.graph import LayerView, describe, layer_view, other_users, shape_of, sole_user
+from repfuse.lift import (
+    AffineOp,
+    batchnorm_op,
+    is_layout,
+    layout_chain,
+    map_axis_through,
+    replay,
+    scale_bias_op,
 )
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
-
-# (channel axis, shape of the tensor the map acts on or None, channel count) -> affine | reason
-AffineAlong = Callable[[int, tuple[int, ...] | None, int], ChannelAffine | str]
-
-
-@dataclass(frozen=True)
-class AffineOp:
-    """A node computing ``s·x + t`` per channel of its data input ``input``."""
-
-    node: Node
-    input: Node
-    label: str
-    along: AffineAlong
 
 
 class _FoldChannelAffine(Pass):
@@ -80,35 +68,49 @@ class _FoldChannelAffine(Pass):
 
     def _into_producer(self, op: AffineOp, rewriter: Rewriter) -> Rewrite | str:
         gm = rewriter.gm
-        layer = layer_view(gm, op.input)
+        chain = _layout_before(op.input)
+        source = chain[0].args[0] if chain else op.input
+        layer = layer_view(gm, source)
         if layer is None:
-            return f"{describe(op.input, gm)} is not a conv/linear layer with constant weights"
-        if sole_user(layer.node) is not op.node:
-            return f"the output of {describe(layer.node, gm)} is also used elsewhere"
+            return f"{describe(source, gm)} is not a conv/linear layer with constant weights"
+        reader = chain[0] if chain else op.node
+        if sole_user(layer.node) is not reader:
+            return other_users(gm, layer.node, reader)
         shared = rewriter.index.shared_reason(gm, layer)
         if shared:
             return shared
-        affine = op.along(layer.channel_axis, shape_of(layer.node), layer.out_channels)
+        axis = map_axis_through(chain, layer.channel_axis)
+        if axis is None:
+            return _mixed(chain, layer, gm)
+        affine = op.along(axis, shape_of(op.input), layer.out_channels)
         if isinstance(affine, str):
             return affine
         weight, bias = fold_affine_into_output(
             layer.weight, layer.bias, affine, groups=layer.groups,
             transposed=layer.kind == "conv_transpose",
         )
+
+        def wrap(new: Node) -> Node:
+            new.meta["tensor_meta"] = layer.node.meta.get("tensor_meta")
+            return replay(gm, chain, new)
+
         return rewriter.replace_with_module(
-            self.name, root=op.node, replaced=[layer.node, op.node],
+            self.name, root=op.node, replaced=[layer.node, *chain, op.node],
             module=layer.build(weight, bias), args=(layer.input,),
             module_path=layer.module_path or layer.origin_paths()[0],
-            detail=f"{op.label} folded into {describe(layer.node, gm)}",
+            detail=f"{op.label} folded into {describe(layer.node, gm)}{_across(chain, gm)}",
+            wrap=wrap if chain else None, same_shape_as_new=layer.node,
         )
 
     def _into_consumer(self, op: AffineOp, rewriter: Rewriter) -> Rewrite | str:
         gm = rewriter.gm
-        user = sole_user(op.node)
+        chain = layout_chain(op.node)
+        last = chain[-1] if chain else op.node
+        user = sole_user(last)
         if user is None:
-            return f"its output is read by {len(op.node.users)} nodes, or twice by one"
+            return f"its output is read by {len(last.users)} nodes, or twice by one"
         layer = layer_view(gm, user)
-        if layer is None or layer.input is not op.node:
+        if layer is None or layer.input is not last:
             return f"{describe(user, gm)} is not a conv/linear layer with constant weights"
         if layer.kind == "conv_transpose":
             return (f"{describe(user, gm)} is a transposed conv, which would spread the shift "
@@ -116,7 +118,10 @@ class _FoldChannelAffine(Pass):
         shared = rewriter.index.shared_reason(gm, layer)
         if shared:
             return shared
-        affine = op.along(layer.channel_axis, shape_of(op.node), layer.in_channels)
+        axis = _axis_reaching(chain, op.node, layer) if chain else layer.channel_axis
+        if axis is None:
+            return _mixed(chain, layer, gm)
+        affine = op.along(axis, shape_of(op.node), layer.in_channels)
         if isinstance(affine, str):
             return affine
         if layer.pads_with_zeros() and affine.has_shift():
@@ -125,17 +130,50 @@ class _FoldChannelAffine(Pass):
         weight, bias = fold_affine_into_input(layer.weight, layer.bias, affine,
                                               groups=layer.groups)
         return rewriter.replace_with_module(
-            self.name, root=user, replaced=[op.node, user],
-            module=layer.build(weight, bias), args=(op.input,),
+            self.name, root=user, replaced=[op.node, *chain, user],
+            module=layer.build(weight, bias),
+            args=(lambda: (replay(gm, chain, op.input),)) if chain else (op.input,),
             module_path=layer.module_path or layer.origin_paths()[0],
-            detail=f"{op.label} folded into the input of {describe(user, gm)}",
+            detail=f"{op.label} folded into the input of {describe(user, gm)}"
+                   f"{_across(chain, gm)}",
         )
 
 
-def _check_channels(affine: ChannelAffine, channels: int, label: str) -> ChannelAffine | str:
-    if affine.channels != channels:
-        return f"{label} has {affine.channels} channels but the layer has {channels}"
-    return affine
+def _layout_before(node: Node) -> list[Node]:
+    """The layout ops (permute, reshape, ...) that end at ``node``, each read only by the next,
+    in graph order; empty when ``node`` is no layout op."""
+    chain: list[Node] = []
+    current = node
+    while is_layout(current) and (not chain or sole_user(current) is chain[-1]):
+        chain.append(current)
+        data = current.args[0]
+        if not isinstance(data, Node):
+            return []
+        current = data
+    return list(reversed(chain))
+
+
+def _axis_reaching(chain: list[Node], start: Node, layer: LayerView) -> int | None:
+    """The axis of ``start`` that ``chain`` carries onto the layer's channel axis."""
+    shape = shape_of(start)
+    target_shape = shape_of(layer.input)
+    if shape is None or target_shape is None:
+        return None
+    wanted = layer.channel_axis % len(target_shape)
+    found = [a for a in range(len(shape)) if map_axis_through(chain, a) == wanted]
+    return found[0] if len(found) == 1 else None
+
+
+def _mixed(chain: list[Node], layer: LayerView, gm: GraphModule) -> str:
+    names = ", ".join(describe(n, gm) for n in chain)
+    return (f"the layout ops {names} between it and {describe(layer.node, gm)} do not keep "
+            "the layer's channel axis as one axis of their own on every input size")
+
+
+def _across(chain: list[Node], gm: GraphModule) -> str:
+    if not chain:
+        return ""
+    return " across " + ", ".join(describe(n, gm) for n in chain)
 
 
 @dataclass(frozen=True)
@@ -149,27 +187,8 @@ class FoldBatchNorm(_FoldChannelAffine):
     )
 
     def lift(self, node: Node, gm: GraphModule) -> AffineOp | Decline | None:
-        view = batchnorm_view(gm, node)
-        if view is None:
-            return None
-        label = describe(node, gm)
-        if view.training:
-            return self.decline(node, f"{label} is in training mode: it normalizes with batch "
-                                      "statistics, which no fixed weights reproduce")
-        if view.running_mean is None or view.running_var is None:
-            return self.decline(node, f"{label} has no running statistics: it normalizes with "
-                                      "batch statistics, which no fixed weights reproduce")
-        affine = batchnorm_affine(view.running_mean, view.running_var, view.weight, view.bias,
-                                  view.eps)
-
-        def along(axis: int, shape: tuple[int, ...] | None, channels: int) -> ChannelAffine | str:
-            if axis != 1 and (shape is None or axis % len(shape) != 1):
-                ndim = "an unknown-rank" if shape is None else f"a {len(shape)}-D"
-                return (f"{label} normalizes axis 1 but the layer works on the last axis of "
-                        f"{ndim} tensor")
-            return _check_channels(affine, channels, label)
-
-        return AffineOp(node, view.input, label, along)
+        op = batchnorm_op(gm, node)
+        return self.decline(node, op) if isinstance(op, str) else op
 
 
 @dataclass(frozen=True)
@@ -183,82 +202,5 @@ class FoldScaleBias(_FoldChannelAffine):
     )
 
     def lift(self, node: Node, gm: GraphModule) -> AffineOp | Decline | None:
-        kind = arith_kind(node)
-        if kind is None or len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
-            return None  # e.g. div with rounding_mode: not affine
-        alpha = node.kwargs.get("alpha", 1)
-        first, second = node.args
-        c_first, c_second = constant_value(gm, first), constant_value(gm, second)
-        if isinstance(first, Node) and c_first is None and c_second is not None:
-            data, const, data_first = first, c_second, True
-        elif isinstance(second, Node) and c_second is None and c_first is not None:
-            data, const, data_first = second, c_first, False
-        else:
-            return None  # two activations (or two constants): not a scale/bias
-        label = describe(node, gm)
-        data_dtype = dtype_of(data)
-        if isinstance(const, Tensor) and const.dim() > 0 and const.dtype != data_dtype:
-            return self.decline(node, f"{label}: the constant is {const.dtype} but the data is "
-                                      f"{data_dtype}; folding would change the result's dtype")
-        if data_dtype is None or dtype_of(node) != data_dtype:
-            return self.decline(node, f"{label} changes the dtype of its input "
-                                      f"({data_dtype} -> {dtype_of(node)}), or it is unknown")
-        terms = _affine_terms(kind, const, alpha, data_first)
-        if terms is None:
-            return None  # c / x is not affine in x
-        if isinstance(terms, str):
-            return self.decline(node, f"{label} {terms}")
-        scale, shift = terms
-
-        def along(axis: int, shape: tuple[int, ...] | None, channels: int) -> ChannelAffine | str:
-            vectors = []
-            for value in (scale, shift):
-                vector = _channel_vector(value, axis, shape, channels)
-                if isinstance(vector, str):
-                    return f"{label}: {vector}"
-                vectors.append(vector)
-            return ChannelAffine(*vectors)
-
-        return AffineOp(node, data, label, along)
-
-
-def _affine_terms(kind: str, const: Any, alpha: Any, data_first: bool):
-    """``(scale, shift)`` constants of ``x op c`` (or ``c op x``); None if not affine in x."""
-    if kind == "mul":
-        return const, 0.0
-    if kind == "div":
-        if not data_first:
-            return None
-        if isinstance(const, Tensor) and bool(torch.any(const == 0)) or (
-            not isinstance(const, Tensor) and const == 0
-        ):
-            return "divides by a constant that contains zero"
-        return 1.0 / _as64(const), 0.0
-    sign = 1.0 if kind == "add" else -1.0
-    if data_first:  # x + alpha*c or x - alpha*c
-        return 1.0, sign * alpha * _as64(const)
-    return sign * alpha, const  # c + alpha*x or c - alpha*x
-
-
-def _as64(value: Any) -> Any:
-    return value.detach().to(FOLD_DTYPE) if isinstance(value, Tensor) else float(value)
-
-
-def _channel_vector(
-    value: Any, axis: int, shape: tuple[int, ...] | None, channels: int
-) -> Tensor | str:
-    """``value`` broadcast against a tensor of ``shape`` as one entry per channel of ``axis``."""
-    if not isinstance(value, Tensor) or value.dim() == 0:
-        return torch.full((channels,), float(value), dtype=FOLD_DTYPE)
-    if shape is None:
-        return "the shape of its input is unknown (run shape propagation)"
-    if value.dim() > len(shape):
-        return f"a constant of shape {tuple(value.shape)} would broadcast the output to more axes"
-    aligned = (1,) * (len(shape) - value.dim()) + tuple(value.shape)
-    channel_axis = axis % len(shape)
-    for position, (size, extent) in enumerate(zip(aligned, shape, strict=True)):
-        if size != 1 and not (position == channel_axis and size == extent):
-            return (f"a constant of shape {tuple(value.shape)} is not per-channel along axis "
-                    f"{channel_axis} of a {list(shape)} tensor")
-    flat = value.detach().to(FOLD_DTYPE).reshape(-1)
-    return flat.expand(channels).clone() if flat.numel() == 1 else flat
+        op = scale_bias_op(gm, node)
+        return self.decline(node, op) if isinstance(op, str) else op
