@@ -35,6 +35,7 @@ from repfuse.algebra import (
     compose_reason,
     composed_weight_shape,
     concat,
+    on_meta,
     padding_reason,
     parallel_sum,
 )
@@ -80,7 +81,14 @@ _CATS = {torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default}
 
 @dataclass(frozen=True)
 class MergeBranches(Pass):
-    """Merge linear branches on one input that are summed or concatenated into one conv."""
+    """Merge linear branches on one input that are summed or concatenated into one conv.
+
+    The merged conv is priced from shapes first (:func:`repfuse.algebra.on_meta`). Padding
+    small kernels to the largest one is the price these merges always pay (one conv instead of
+    several and a join); expanding *dilated* kernels densely to align them with others (a 1×1
+    beside a 3×3 of dilation 12, ASPP) can multiply the MACs, so such a merge stays when it
+    costs more MACs than the branches, unless ``allow_costlier``.
+    """
 
     name: ClassVar[str] = "merge_branches"
     summary: ClassVar[str] = (
@@ -88,6 +96,7 @@ class MergeBranches(Pass):
         "subtracted or concatenated along channels into one conv (RepVGG, ACNet, DBB, "
         "MobileOne, RepLKNet, FastViT)"
     )
+    allow_costlier: bool = False
 
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
         if is_sum(node):
@@ -121,12 +130,10 @@ class MergeBranches(Pass):
                    for b, t in group]
         names = ", ".join(describe(b.term, gm) for b, _ in group)
         label = f"branches {names} of the sum {describe(root, gm)} stay"
-        merged = parallel_sum(kernels)
-        if isinstance(merged, str):
-            return self.decline(root, f"{label}: {merged}")
-        reason = padding_reason(merged)
+        reason = self._price(gm, [b for b, _ in group], parallel_sum, kernels, root)
         if reason is not None:
             return self.decline(root, f"{label}: {reason}")
+        merged = parallel_sum(kernels)
         merged_terms = {id(b.term) for b, _ in group}
         rest = [t for t in terms if id(t.node) not in merged_terms]
         return self._rewrite(rewriter, root, [b for b, _ in group], adds, merged,
@@ -151,12 +158,11 @@ class MergeBranches(Pass):
         start, stop = run
         group = branches[start:stop]
         names = ", ".join(describe(b.term, gm) for b in group)
-        merged = concat([b.kernel for b in group])
-        if isinstance(merged, str):
-            return self.decline(cat, f"concatenated branches {names} stay: {merged}")
-        reason = padding_reason(merged)
+        kernels = [b.kernel for b in group]
+        reason = self._price(gm, group, concat, kernels, cat)
         if reason is not None:
             return self.decline(cat, f"concatenated branches {names} stay: {reason}")
+        merged = concat(kernels)
         before, after = list(items[:start]), list(items[stop:])
 
         def wrap(new: Node) -> Node:
@@ -170,6 +176,28 @@ class MergeBranches(Pass):
 
         return self._rewrite(rewriter, cat, group, [cat], merged, wrap,
                              f"concat of {len(group)} branches {names}")
+
+    def _price(self, gm: GraphModule, group: list[Branch], combine: Callable,
+               kernels: list[Kernel], join: Node) -> str | None:
+        """Why the merge of ``kernels`` by ``combine`` stays (not exact, a crop left over, or
+        more MACs than the branches), decided on the meta device; None when it goes ahead."""
+        shaped = combine([on_meta(k) for k in kernels])
+        if isinstance(shaped, str):
+            return shaped
+        reason = padding_reason(shaped)
+        densified = any(d > 1 for k in kernels for d in k.dilation) and all(
+            d == 1 for d in shaped.dilation)
+        if reason is not None or self.allow_costlier or not densified:
+            return reason
+        in_shape, out_shape = shape_of(group[0].input), list(shape_of(join))
+        out_shape[1] = shaped.out_channels
+        before = nodes_cost(gm, (n for b in group for n in b.nodes if layer_view(gm, n)))
+        after = layer_cost(tuple(shaped.weight.shape), in_shape, tuple(out_shape),
+                           kernels[0].weight.element_size())
+        if after.macs > before.macs:
+            return (f"merging expands dilated kernels densely and costs more: "
+                    f"{pays(before, after)}")
+        return None
 
     def _explain_stops(self, join: Node, branches: list[Branch], kind: str,
                        gm: GraphModule) -> Decline | None:

@@ -457,3 +457,48 @@ def test_a_flatten_that_merges_the_channel_axis_keeps_the_batchnorm() -> None:
                                 fold_batchnorm)
     (decline,) = result.declined
     assert "do not keep the layer's channel axis" in decline.reason
+
+
+class ASPPLike(nn.Module):
+    """Atrous spatial pyramid pooling's conv branches (DeepLab): a 1x1 and 3x3 convs of large
+    dilations on one input, concatenated. One conv would need a dense 49x49 kernel."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [nn.Conv2d(channels, 2, 1)]
+            + [nn.Conv2d(channels, 2, 3, padding=d, dilation=d) for d in (6, 12, 24)])
+
+    def forward(self, x):
+        return torch.cat([b(x) for b in self.branches], 1)
+
+
+def test_dilated_branches_are_priced_before_any_dense_kernel_is_built(monkeypatch) -> None:
+    import repfuse.algebra as algebra
+
+    built = []
+    real = algebra.densify
+
+    def densify(kernel):
+        if kernel.weight.device.type != "meta":
+            built.append(kernel.kernel_size)
+        return real(kernel)
+
+    monkeypatch.setattr(algebra, "densify", densify)
+    result, _ = check_unchanged(ASPPLike(), (1, 4, 30, 30), merge_branches)
+    (decline,) = result.declined
+    assert "expands dilated kernels densely and costs more" in decline.reason
+    assert built == []
+
+
+def test_dilated_branches_merge_when_asked_even_if_costlier() -> None:
+    from repfuse.passes.base import run_passes
+
+    model = ASPPLike().double()
+    x = rand((1, 4, 30, 30), dtype=torch.float64)
+    gm = repfuse.trace(model, x)
+    result = run_passes(gm, [repfuse.passes.MergeBranches(allow_costlier=True)])
+    assert result.counts()["merge_branches"] == 1
+    assert [m.kernel_size for m in gm.modules() if isinstance(m, nn.Conv2d)] == [(49, 49)]
+    with torch.no_grad():
+        assert (gm(x) - model(x)).abs().max() <= F64_RTOL * model(x).abs().max()
