@@ -286,14 +286,7 @@ def densify(kernel: Kernel) -> Kernel:
     """A dilated kernel as a dense one: size ``d(k − 1) + 1`` with zeros between taps."""
     if all(d == 1 for d in kernel.dilation):
         return kernel
-    size = tuple(d * (k - 1) + 1 for d, k in zip(kernel.dilation, kernel.kernel_size,
-                                                  strict=True))
-    weight = torch.zeros(*kernel.weight.shape[:2], *size, dtype=kernel.weight.dtype,
-                         device=kernel.weight.device)
-    index = (slice(None), slice(None), *(slice(None, None, d) for d in kernel.dilation))
-    weight[index] = kernel.weight
-    ones = (1,) * kernel.spatial_dims
-    return Kernel(weight, kernel.bias, kernel.stride, kernel.padding, ones, kernel.groups)
+    return redilate(kernel, (1,) * kernel.spatial_dims)
 
 
 def regroup(kernel: Kernel, groups: int) -> Kernel:
@@ -367,16 +360,43 @@ def _alignment_reason(kernels: list[Kernel]) -> str | None:
     return None
 
 
+def redilate(kernel: Kernel, dilation: tuple[int, ...]) -> Kernel:
+    """The same map written with a smaller ``dilation`` (dividing the kernel's own on every axis
+    where it has more than one tap): zeros between the taps, size ``(k − 1)·d/d' + 1``.
+    :func:`densify` is the case ``d' = 1``."""
+    factors = tuple(d // new if k > 1 else 1 for d, new, k in zip(
+        kernel.dilation, dilation, kernel.kernel_size, strict=True))
+    if all(f == 1 for f in factors):
+        return Kernel(kernel.weight, kernel.bias, kernel.stride, kernel.padding, dilation,
+                      kernel.groups)
+    size = tuple((k - 1) * f + 1 for k, f in zip(kernel.kernel_size, factors, strict=True))
+    weight = torch.zeros(*kernel.weight.shape[:2], *size, dtype=kernel.weight.dtype,
+                         device=kernel.weight.device)
+    weight[(slice(None), slice(None), *(slice(None, None, f) for f in factors))] = kernel.weight
+    return Kernel(weight, kernel.bias, kernel.stride, kernel.padding, dilation, kernel.groups)
+
+
+def common_dilation(kernels: list[Kernel]) -> tuple[int, ...]:
+    """The largest dilation per axis in which all ``kernels`` can be written and centre-aligned:
+    the gcd of their dilations (over kernels with more than one tap there) and of the half
+    size differences to the largest extent (each side is padded by whole taps). 1 means dense.
+    A 1×1 beside a 3×3 of dilation 2 stays a 3×3 of dilation 2."""
+    extents = [dense_size(k) for k in kernels]
+    dims = kernels[0].spatial_dims
+    common = []
+    for axis in range(dims):
+        largest = max(e[axis] for e in extents)
+        values = [k.dilation[axis] for k in kernels if k.kernel_size[axis] > 1]
+        values += [(largest - e[axis]) // 2 for e in extents if e[axis] < largest]
+        common.append(math.gcd(*values) if values else 1)
+    return tuple(common)
+
+
 def _aligned(kernels: list[Kernel]) -> list[Kernel]:
-    """Kernels densified, regrouped to a common grouping and padded to a common size."""
-    # A common dilation d keeps kernels sparse, where a size difference K − k pads by
-    # d·(K − k)/2 per side: possible only when K − k is even. Otherwise work on dense kernels
-    # (whose centring _alignment_reason checked).
-    dilations = {k.dilation for k in kernels}
-    size = tuple(max(k.kernel_size[a] for k in kernels) for a in range(kernels[0].spatial_dims))
-    even = all((big - small) % 2 == 0 for k in kernels
-               for big, small in zip(size, k.kernel_size, strict=True))
-    dense = kernels if len(dilations) == 1 and even else [densify(k) for k in kernels]
+    """Kernels written in a common dilation (:func:`common_dilation`), regrouped to a common
+    grouping and padded to a common size."""
+    dilation = common_dilation(kernels)
+    dense = [redilate(k, dilation) for k in kernels]
     groups = math.gcd(*(k.groups for k in dense))
     dense = [regroup(k, groups) for k in dense]
     size = tuple(max(k.kernel_size[a] for k in dense) for a in range(dense[0].spatial_dims))

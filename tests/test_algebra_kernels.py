@@ -188,6 +188,31 @@ def test_dilated_kernels_of_odd_size_difference_are_aligned_densely(combine) -> 
     assert_same_map(expected, combine([a, b]), x)
 
 
+@pytest.mark.parametrize(("sizes", "dilations", "common"), [
+    pytest.param((1, 3), (1, 2), 2, id="1x1+3x3d2"),
+    pytest.param((3, 3, 1), (2, 4, 1), 2, id="3x3d2+3x3d4+1x1"),
+    pytest.param((1, 3, 3), (1, 6, 12), 6, id="aspp"),
+    pytest.param((3, 5), (2, 1), 1, id="dense-when-needed"),
+])
+@pytest.mark.parametrize("combine", [parallel_sum, concat], ids=["sum", "concat"])
+def test_dilated_kernels_keep_their_common_dilation(sizes, dilations, common, combine) -> None:
+    """Kernels are aligned in the gcd of their dilations (and half size differences), not
+    densely: a 1x1 beside a 3x3 of dilation 2 is a 3x3 of dilation 2."""
+    c = 3
+    kernels = [random_kernel(c, c, k, padding=d * (k - 1) // 2, dilation=d)
+               for k, d in zip(sizes, dilations, strict=True)]
+    x = random_input((2, c, 30, 29), dtype=F64)
+    outputs = [run(k, x) for k in kernels]
+    expected = sum(outputs) if combine is parallel_sum else torch.cat(outputs, 1)
+
+    merged = combine(kernels)
+
+    assert_same_map(expected, merged, x)
+    assert merged.dilation == (common, common)
+    reach = max(d * (k - 1) + 1 for k, d in zip(sizes, dilations, strict=True))
+    assert merged.kernel_size == ((reach - 1) // common + 1,) * 2
+
+
 @pytest.mark.parametrize(("branches", "phrase"), [
     (lambda: [random_kernel(4, 4, 3, padding=1), random_kernel(4, 4, 1, stride=2)],
      "strides differ"),

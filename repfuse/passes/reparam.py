@@ -185,8 +185,8 @@ class MergeBranches(Pass):
         if isinstance(shaped, str):
             return shaped
         reason = padding_reason(shaped)
-        densified = any(d > 1 for k in kernels for d in k.dilation) and all(
-            d == 1 for d in shaped.dilation)
+        densified = any(d > common and size > 1 for k in kernels for d, common, size in zip(
+            k.dilation, shaped.dilation, k.kernel_size, strict=True))
         if reason is not None or self.allow_costlier or not densified:
             return reason
         in_shape, out_shape = shape_of(group[0].input), list(shape_of(join))

@@ -461,7 +461,7 @@ def test_a_flatten_that_merges_the_channel_axis_keeps_the_batchnorm() -> None:
 
 class ASPPLike(nn.Module):
     """Atrous spatial pyramid pooling's conv branches (DeepLab): a 1x1 and 3x3 convs of large
-    dilations on one input, concatenated. One conv would need a dense 49x49 kernel."""
+    dilations on one input, concatenated. One conv would need a 9x9 kernel of dilation 6."""
 
     def __init__(self, channels: int = 4) -> None:
         super().__init__()
@@ -477,14 +477,14 @@ def test_dilated_branches_are_priced_before_any_dense_kernel_is_built(monkeypatc
     import repfuse.algebra as algebra
 
     built = []
-    real = algebra.densify
+    real = algebra.redilate  # densify and alignment write dilated kernels through it
 
-    def densify(kernel):
+    def redilate(kernel, dilation):
         if kernel.weight.device.type != "meta":
             built.append(kernel.kernel_size)
-        return real(kernel)
+        return real(kernel, dilation)
 
-    monkeypatch.setattr(algebra, "densify", densify)
+    monkeypatch.setattr(algebra, "redilate", redilate)
     result, _ = check_unchanged(ASPPLike(), (1, 4, 30, 30), merge_branches)
     (decline,) = result.declined
     assert "expands dilated kernels densely and costs more" in decline.reason
@@ -499,6 +499,8 @@ def test_dilated_branches_merge_when_asked_even_if_costlier() -> None:
     gm = repfuse.trace(model, x)
     result = run_passes(gm, [repfuse.passes.MergeBranches(allow_costlier=True)])
     assert result.counts()["merge_branches"] == 1
-    assert [m.kernel_size for m in gm.modules() if isinstance(m, nn.Conv2d)] == [(49, 49)]
+    (conv,) = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
+    # dilations 6, 12, 24 and a 1x1: written in their common dilation 6, a 9x9 covers 49x49
+    assert conv.kernel_size == (9, 9) and conv.dilation == (6, 6)
     with torch.no_grad():
         assert (gm(x) - model(x)).abs().max() <= F64_RTOL * model(x).abs().max()

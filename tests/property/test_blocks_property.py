@@ -25,7 +25,8 @@ The model runs in float32 or float64 (batch norm statistics randomized). Two pro
    nothing shared, nothing read twice) become exactly one conv: the graph's only calls are
    that conv and the optional non-linear ops on the input and the result. A lone chain of two
    links is composed by ``compose_linear`` only when that does not cost more; whether it does
-   is the cost model's business, so such a chain is checked with ``allow_costlier=True``.
+   is the cost model's business, so such a chain is checked with ``allow_costlier=True``; so
+   is a block whose dilated branches align only as a costlier dense kernel.
 
 The same blocks inside a forward that branches on a shape (traced specialized) or on values
 (captured in parts) fuse to the same function, with the same rewrites.
@@ -39,7 +40,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import reduce
 
 import pytest
@@ -54,7 +55,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import repfuse
 from repfuse.models import randomize_bn_stats
-from repfuse.passes import ComposeLinear, resolve, run_passes
+from repfuse.passes import run_pipeline
 
 CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -699,11 +700,16 @@ def lone_chain(block: Block) -> bool:
     return len(block.branches) == 1 and len(_links(block.branches[0])) == 2
 
 
+def costly_dilation(fused: nn.Module) -> bool:
+    """True when a merge stayed because aligning dilated kernels would expand them densely at
+    a higher cost: like a lone chain's composition, a cost decision."""
+    return any("expands dilated kernels densely" in d.reason
+               for d in repfuse.history(fused).declined)
+
+
 def fuse_regardless_of_cost(model: nn.Module, x: Tensor) -> GraphModule:
-    passes = [replace(p, allow_costlier=True) if isinstance(p, ComposeLinear) else p
-              for p in resolve(None)]
     gm = repfuse.trace(model, x)
-    run_passes(gm, passes)
+    run_pipeline(gm, allow_costlier=True)
     return gm
 
 
@@ -724,7 +730,7 @@ def check_block(block: Block) -> bool:
     assert count(fused, _is_conv) <= count(original, _is_conv)
     assert count(fused, _is_norm) <= count(original, _is_norm)
     if mergeable:
-        if lone_chain(block):
+        if lone_chain(block) or costly_dilation(fused):
             fused = fuse_regardless_of_cost(model, x)
             note(fused.code)
             assert_equal_to_reference(model, fused, block, x)
