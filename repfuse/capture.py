@@ -236,6 +236,22 @@ class _TraceFailure(Exception):
         return f"cannot trace {where} with torch.fx: {self.reason}"
 
 
+class _Proxy(Proxy):
+    """An fx proxy that also records item assignment, ``x[index] = value``, as an
+    ``operator.setitem`` node (fx's own Proxy has no ``__setitem__``; fx prints the node back
+    as the assignment). Real code writes borders in place this way, e.g. DBB's BN-and-pad."""
+
+    def __getattr__(self, k: str) -> _Attribute:
+        return _Attribute(self, k)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
+class _Attribute(_Proxy, Attribute):
+    pass
+
+
 class _Tracer(Tracer):
     """An fx tracer that keeps ``opaque`` submodules as calls and locates failures."""
 
@@ -247,6 +263,9 @@ class _Tracer(Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (module_qualified_name in self.opaque or _keeps_batchnorm_forward(m)
                 or super().is_leaf_module(m, module_qualified_name))
+
+    def proxy(self, node: Node) -> Proxy:
+        return _Proxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -271,8 +290,9 @@ _SYMBOLS = {operator.eq: "==", operator.ne: "!=", operator.lt: "<", operator.le:
             operator.mod: "%"}
 
 
-class _ConcreteProxy(Proxy):
-    """A proxy whose length and integer value can be asked for (the tracer answers)."""
+class _ConcreteProxy(_Proxy):
+    """A proxy whose length and integer value can be asked for (the tracer answers). Item
+    assignment is also run on the concrete value, in place, so later values see it."""
 
     def __getattr__(self, k: str) -> _ConcreteAttribute:
         return _ConcreteAttribute(self, k)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from repfuse.capture import symbolic_trace
 from repfuse.models import (
     create_model,
     get_spec,
@@ -146,7 +147,7 @@ def test_model_runs_on_its_default_input(name):
 @pytest.mark.parametrize("name", [n for n in FAST_MODELS if n != "branchynet_tiny"])
 def test_model_traces_with_torch_fx_in_eval(name):
     model = create_model(name)
-    traced = torch.fx.symbolic_trace(model)
+    traced = symbolic_trace(model)  # torch.fx's symbolic tracing, plus item assignment
     example = random_input(get_spec(name).input_shape)
     with torch.no_grad():
         torch.testing.assert_close(traced(example), model(example), rtol=0, atol=0)

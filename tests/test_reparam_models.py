@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from repfuse.capture import symbolic_trace
 from repfuse.models import (
     create_model,
     get_spec,
@@ -378,7 +379,7 @@ def test_dbb_concatenates_depth_once_per_stage(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_model_traces_with_torch_fx_and_the_trace_computes_the_same(name, deploy):
     model = create_model(name, deploy=deploy)
-    traced = torch.fx.symbolic_trace(model)
+    traced = symbolic_trace(model)  # torch.fx's symbolic tracing, plus item assignment
     shape = EXPECTED[name][0]
     if name in LARGE and len(shape) == 4 and shape[1] == 3:
         shape = (1, 3, 64, 64)  # a classifier takes any size; keep the large models quick
@@ -467,7 +468,7 @@ def test_conv1x1_bn_and_pad_then_unpadded_conv_is_conv1x1_bn_on_a_zero_padded_in
 
 
 def test_bn_and_pad_traces_to_pad_and_four_slice_assignments():
-    traced = torch.fx.symbolic_trace(bn_and_pad(6, 2))
+    traced = symbolic_trace(bn_and_pad(6, 2))  # `output[:, :, 0:p, :] = v`, as DBB writes it
     functions = [node.target for node in traced.graph.nodes if node.op == "call_function"]
     assert functions.count(F.pad) == 1
     assert functions.count(operator.setitem) == 4

@@ -28,10 +28,8 @@ plain ResNet-18 of :mod:`repfuse.models.resnet` with conv biases (paths as in
 from __future__ import annotations
 
 from collections import OrderedDict
-from operator import setitem
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,11 +37,6 @@ from repfuse.models.layers import ConvBN, init_branch_convs
 from repfuse.models.registry import register_model
 from repfuse.models.resnet import BasicBlock, ResNet
 from repfuse.models.unit_resnet import ConvSite, UnitResNet
-
-# symbolic_trace cannot record `tensor[index] = value` on a Proxy; calling operator.setitem
-# through a wrapped global records it as a call_function node, and the generated code of that
-# node is the slice assignment itself.
-torch.fx.wrap("setitem")
 
 
 class BNAndPad(nn.Module):
@@ -73,11 +66,10 @@ class BNAndPad(nn.Module):
                       / torch.sqrt(bn.running_var + bn.eps)).view(1, -1, 1, 1)
         pad = self.pad
         output = F.pad(output, [pad, pad, pad, pad])
-        everything = slice(None)
-        setitem(output, (everything, everything, slice(0, pad), everything), pad_values)
-        setitem(output, (everything, everything, slice(-pad, None), everything), pad_values)
-        setitem(output, (everything, everything, everything, slice(0, pad)), pad_values)
-        setitem(output, (everything, everything, everything, slice(-pad, None)), pad_values)
+        output[:, :, 0:pad, :] = pad_values
+        output[:, :, -pad:, :] = pad_values
+        output[:, :, :, 0:pad] = pad_values
+        output[:, :, :, -pad:] = pad_values
         return output
 
 
