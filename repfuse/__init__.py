@@ -27,6 +27,7 @@ from repfuse.capture import (
     RepfuseWarning,
     capture,
     capture_info,
+    check_runs,
     fuse_parts,
     trace,
 )
@@ -63,10 +64,14 @@ def fuse(
     Otherwise it is a copy of ``model`` whose largest traceable submodules are fused
     GraphModules, and ``repfuse.capture_info(fused).skipped`` lists the modules kept as eager
     Python, with reasons (a :class:`RepfuseWarning` says so too).
+
+    The fused model is run once on ``example_inputs`` before it is returned; if it does not
+    run, :class:`RepfuseError` names the module and node where it fails.
     """
     captured = capture(model, example_inputs)
     fuse_parts(captured.module,
                lambda gm: run_pipeline(gm, passes, allow_costlier=allow_costlier))
+    check_runs(captured.module, example_inputs)
     if captured.info.partial:
         skipped = "; ".join(f"{s.describe()}: {s.reason}" for s in captured.info.skipped)
         warnings.warn(f"fused only the traceable parts of {type(model).__name__}; kept eager: "

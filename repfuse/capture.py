@@ -31,22 +31,25 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import math
 import operator
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Interpreter, Node, Proxy, Tracer
+from torch.fx.graph import CodeGen, _PyTreeCodeGen
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.fx.proxy import Attribute, TraceError
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_map, tree_unflatten
 
 from repfuse.errors import CaptureError, RepfuseError, RepfuseWarning
 from repfuse.graph import gc_paused
@@ -321,7 +324,8 @@ class _SpecializingTracer(_Tracer):
 
     def __init__(self, inputs: Sequence[Any], opaque: frozenset[str] = frozenset()) -> None:
         super().__init__(opaque)
-        self.inputs = [t.clone() if isinstance(t, Tensor) else t for t in inputs]
+        # Copies, also inside lists: the traced code may write into them (`x[i] = ...`).
+        self.inputs = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, list(inputs))
         self.values: dict[Node, Any] = {}
         self.metadata: set[Node] = set()
         self.decisions: list[tuple[str, str]] = []  # (module path, what was decided)
@@ -486,6 +490,55 @@ def _expression(node: Node, metadata: set[Node], depth: int = 0) -> str:
     return f"{name}({', '.join(spell(a) for a in args)})"
 
 
+@dataclass(frozen=True)
+class _Binding:
+    """A forward's arguments, as tracing takes them: ``inputs``, one per placeholder in order,
+    are the values the specializing tracer runs on; ``concrete`` (fx's ``concrete_args``) are
+    fixed to their value while tracing, so Python code on them resolves (``if targets is not
+    None``, ``self.predict(x, *args, **kwargs)``)."""
+
+    inputs: list[Any]
+    concrete: dict[str, Any]
+
+
+def _bind(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> _Binding | None:
+    """How ``module`` is traced for the call ``module(*args, **kwargs)``; None when fx cannot
+    take that call (arguments that do not bind, or a non-empty ``*args`` or ``**kwargs``).
+
+    Fixed: an empty ``*args``/``**kwargs`` and every argument that is None, given or left at
+    its default (fx guards it with an assert in the graph). Other arguments stay placeholders:
+    tensors, and scalars, on which the specializing tracer records its decisions.
+    """
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    inputs: list[Any] = []
+    concrete: dict[str, Any] = {}
+    for name, parameter in signature.parameters.items():
+        value = bound.arguments[name]
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            if value:
+                return None
+            stars = "*" if parameter.kind is parameter.VAR_POSITIONAL else "**"
+            concrete[stars + name] = value
+            continue
+        if value is None:
+            concrete[name] = None  # still a placeholder, with None as its default
+        inputs.append(value)
+    return _Binding(inputs, concrete)
+
+
+def _root_binding(module: nn.Module, inputs: Sequence[Any] | None) -> _Binding | None:
+    """The binding for a model called with ``inputs``; the inputs as they are when they do
+    not bind (running the trace then says what is wrong)."""
+    if inputs is None:
+        return None
+    return _bind(module, inputs, {}) or _Binding(list(inputs), {})
+
+
 @dataclass
 class _Traced:
     gm: GraphModule
@@ -501,38 +554,118 @@ class _Traced:
         return lines
 
 
-def _finish(tracer: _Tracer, graph: torch.fx.Graph, name: str) -> GraphModule:
+def _finish(tracer: _Tracer, graph: torch.fx.Graph, binding: _Binding | None) -> GraphModule:
     for node in graph.nodes:
         # Annotations written under `from __future__ import annotations` are strings, which fx
         # turns into globals that torch.save cannot pickle; they carry no information we use.
         if isinstance(node.type, str):
             node.type = None
-    return GraphModule(tracer.root, graph, name)
+    if binding is not None:
+        _plain_signature(graph, binding)
+    return GraphModule(tracer.root, graph, type(tracer.root).__name__)
 
 
-def _trace_once(module: nn.Module, inputs: Sequence[Any] | None,
+def _plain_signature(graph: torch.fx.Graph, binding: _Binding) -> None:
+    """Give the graph the forward's own parameter names and no pytree wrapping.
+
+    fx names the placeholder of a concrete argument ``name_1`` (a caller passing it by keyword
+    would fail), and binding an empty ``*args`` makes it flatten inputs and outputs through
+    pytree specs; with only empty containers among the arguments both are plain calls.
+    """
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target.endswith("_1") and \
+                node.target[:-2] in binding.concrete:
+            node.target = node.target[:-2]
+    codegen = graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen):
+        out_spec = codegen.pytree_info.out_spec
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        if out_spec is not None:
+            output.args = (tree_unflatten(list(output.args[0]), out_spec),)
+        graph._codegen = CodeGen()
+
+
+def _trace_once(module: nn.Module, binding: _Binding | None,
                 opaque: frozenset[str]) -> _Traced:
-    """Trace symbolically; failing that (and given inputs), specialized to their shapes."""
-    plain = _Tracer(opaque)
-    try:
-        graph = plain.trace(module)
-        return _Traced(_finish(plain, graph, type(module).__name__), [], {})
-    except Exception as exc:
-        failure = exc, plain.failed_module
-    if inputs is not None:
-        tracer = _SpecializingTracer(inputs, opaque)
+    """Trace symbolically; failing that (and given a binding), specialized to its inputs'
+    shapes. A trace leaves ``module`` as it found it, failed or not."""
+    concrete = binding.concrete if binding is not None else None
+    traced = None
+    with _restoring(module):
+        plain = _Tracer(opaque)
         try:
-            graph = tracer.trace(module)
+            graph = plain.trace(module, concrete_args=concrete)
         except Exception as exc:
-            failure = exc, tracer.failed_module
+            failure = exc, plain.failed_module
         else:
-            _remove_dead_metadata(graph, tracer.metadata)
-            if tracer.decisions:
-                _guard_inputs(graph, tracer)
-            return _Traced(_finish(tracer, graph, type(module).__name__), tracer.decisions, {})
+            traced = _Traced(_finish(plain, graph, binding), [], {})
+    if traced is None and binding is not None:
+        tracer = _SpecializingTracer(binding.inputs, opaque)
+        with _restoring(module):
+            try:
+                graph = tracer.trace(module, concrete_args=concrete)
+            except Exception as exc:
+                failure = exc, tracer.failed_module
+            else:
+                _remove_dead_metadata(graph, tracer.metadata)
+                if tracer.decisions:
+                    _guard_inputs(graph, tracer)
+                traced = _Traced(_finish(tracer, graph, binding), tracer.decisions, {})
+    if traced is not None:
+        _keep_attributes(traced.gm, module)
+        return traced
     exc, located = failure
     path, kind = located if located is not None else ("", type(module).__name__)
     raise _TraceFailure(path, kind, _first_line(exc)) from exc
+
+
+# nn.Module's own state, which a GraphModule has its own of.
+_MODULE_STATE = frozenset(vars(nn.Module())) | {"forward"}
+# Attributes torch's GraphModule.__deepcopy__ sets again on the copy.
+_PRESERVED_KEY = getattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY",
+                         "_user_preserved_attributes")
+
+
+def _keep_attributes(gm: GraphModule, module: nn.Module) -> None:
+    """Give ``gm`` the plain attributes of the module it was traced from: code that calls the
+    module may read them (e.g. a model's loop over its layers reading ``m.f`` and ``m.i``).
+    They survive deepcopy, which rebuilds a GraphModule from its graph."""
+    kept = {name: value for name, value in vars(module).items()
+            if name not in _MODULE_STATE and name not in vars(gm) and name not in gm._parameters
+            and name not in gm._buffers and name not in gm._modules}
+    if kept:
+        vars(gm).update(kept)
+        gm.meta.setdefault(_PRESERVED_KEY, {}).update(kept)
+
+
+_STATE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+@contextmanager
+def _restoring(module: nn.Module) -> Iterator[None]:
+    """Undo what tracing does to ``module`` and its submodules: attributes their forwards
+    assign (proxies: ``self.cache = x``, anchors computed on the first call), containers they
+    fill, the constants fx attaches to the root. The next trace, or the eager run of a module
+    kept eager, then sees the module as the user built it."""
+    saved = []
+    for sub in module.modules():
+        attributes = dict(vars(sub))
+        contents = {name: copy.copy(value) for name, value in attributes.items()
+                    if type(value) in (list, dict, set, OrderedDict)}
+        saved.append((sub, attributes, contents))
+    try:
+        yield
+    finally:
+        for sub, attributes, contents in saved:
+            vars(sub).clear()
+            vars(sub).update(attributes)
+            for name, content in contents.items():
+                value = attributes[name]
+                if isinstance(value, list):
+                    value[:] = content
+                else:
+                    value.clear()
+                    value.update(content)
 
 
 def _remove_dead_metadata(graph: torch.fx.Graph, metadata: set[Node]) -> None:
@@ -563,7 +696,7 @@ def _guard_inputs(graph: torch.fx.Graph, tracer: _SpecializingTracer) -> None:
                       "convert it again for other inputs"))
 
 
-def _trace_largest(module: nn.Module, inputs: Sequence[Any] | None) -> _Traced:
+def _trace_largest(module: nn.Module, binding: _Binding | None) -> _Traced:
     """Trace ``module``, keeping as opaque calls the submodules whose own code does not trace.
 
     Raises :class:`_TraceFailure` (path '') when ``module``'s own forward cannot be traced.
@@ -571,7 +704,7 @@ def _trace_largest(module: nn.Module, inputs: Sequence[Any] | None) -> _Traced:
     opaque: dict[str, str] = {}
     while True:
         try:
-            traced = _trace_once(module, inputs, frozenset(opaque))
+            traced = _trace_once(module, binding, frozenset(opaque))
         except _TraceFailure as failure:
             if not failure.path:
                 raise
@@ -587,7 +720,7 @@ def symbolic_trace(model: nn.Module, inputs: Sequence[Any] | None = None) -> Gra
     """fx-trace ``model`` (already a copy), specialized to ``inputs``' shapes if need be; raise
     :class:`CaptureError` naming the innermost culprit."""
     try:
-        traced = _trace_once(model, inputs, frozenset())
+        traced = _trace_once(model, _root_binding(model, inputs), frozenset())
     except _TraceFailure as failure:
         raise CaptureError(failure.message()) from failure.__cause__
     _record(traced.gm, CaptureInfo(parts=[""], specialized=traced.described_decisions()))
@@ -632,6 +765,7 @@ def _shapes(inputs: Sequence[Any]) -> str:
 def propagate_shapes(gm: GraphModule, inputs: Sequence[Any]) -> None:
     """Record each node's output shape and dtype in ``node.meta['tensor_meta']``."""
     shapes = _shapes(inputs)
+    inputs = tree_map(lambda leaf: leaf, list(inputs))  # lists the graph may write into
     try:
         with torch.no_grad():
             _ShapeRecorder(gm).run(*inputs)
@@ -711,15 +845,18 @@ class _PartialCapture:
         self.info = CaptureInfo(dropped_hooks=hooks)
         self.calls: dict[int, _Calls] = {}
         self.done: dict[int, nn.Module] = {}
+        self.replaced: list[_Replaced] = []  # traced parts called from eager code
+        self.decisions: dict[str, list[str]] = {}  # per part, its lines in info.specialized
 
     def capture_root(self, root: nn.Module, inputs: tuple[Tensor, ...]) -> nn.Module:
         kind = type(root).__name__
         try:
-            traced = _trace_largest(root, inputs)
+            traced = _trace_largest(root, _root_binding(root, inputs))
         except _TraceFailure as failure:
             self.calls = _record_calls(root, inputs)
             self.info.skipped.append(SkippedModule("", kind, failure.reason))
             self._capture_children(root, "")
+            self._keep_what_callers_use(root, inputs)
             return root
         gm = traced.gm
         gm.eval()
@@ -728,11 +865,37 @@ class _PartialCapture:
         if traced.opaque:
             self.calls = _record_calls(gm, inputs)
             self._capture_opaque(gm, "", traced.opaque)
+            self._keep_what_callers_use(gm, inputs)
         return gm
 
     def _add_part(self, path: str, traced: _Traced) -> None:
         self.info.parts.append(path)
-        self.info.specialized += traced.described_decisions(path)
+        self.decisions[path] = traced.described_decisions(path)
+        self.info.specialized += self.decisions[path]
+
+    def _keep_what_callers_use(self, model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        """Eager code may use more of a module than its call (``self.head.decode(y)``, a
+        property), which a traced replacement lacks: run the captured model once, and put
+        back each module whose caller missed something, kept eager, its children captured."""
+        for _ in range(len(self.replaced)):
+            missed = _missed_attributes(model, inputs, self.replaced)
+            if not missed:
+                return
+            for replaced, name in missed:
+                self._put_back(replaced, name)
+
+    def _put_back(self, replaced: _Replaced, name: str) -> None:
+        setattr(replaced.parent, replaced.name, replaced.original)
+        self.replaced.remove(replaced)
+        self.info.parts.remove(replaced.path)
+        for line in self.decisions.pop(replaced.path):
+            self.info.specialized.remove(line)
+        kind = type(replaced.original).__name__
+        self.info.skipped.append(SkippedModule(
+            replaced.path, kind, f"code outside it uses its '{name}', which its traced and "
+                                 "fused graph may not have"))
+        self.done[id(replaced.original)] = replaced.original
+        self._capture_children(replaced.original, replaced.path)
 
     def _capture_opaque(self, gm: GraphModule, path: str, opaque: dict[str, str]) -> None:
         for inner, reason in opaque.items():
@@ -747,6 +910,8 @@ class _PartialCapture:
             replacement = self._capture_module(child, _join(path, name))
             if replacement is not child:
                 setattr(module, name, replacement)
+                self.replaced.append(_Replaced(_join(path, name), module, name, child,
+                                               replacement))
 
     def _capture_module(self, module: nn.Module, path: str) -> nn.Module:
         if id(module) in self.done:  # a module shared with an earlier path
@@ -769,12 +934,13 @@ class _PartialCapture:
                     path, kind, "not run on the example input, so there are no shapes to fuse "
                                 "it with nor a run to verify it: kept as it is"))
             return module
-        inputs = calls.positional(module)
+        binding = _bind(module, calls.args, calls.kwargs)
         try:
-            if inputs is None:
+            if binding is None:
                 raise _TraceFailure("", kind, "its recorded call does not bind to the parameters "
-                                              "of its forward (*args or **kwargs)")
-            traced = _trace_largest(module, inputs)
+                                              "of its forward (or fills its *args or **kwargs)")
+            inputs = binding.inputs
+            traced = _trace_largest(module, binding)
             if traced.decisions and len(calls.shapes) > 1:
                 raise _TraceFailure("", kind, "its trace is specialized to one input shape but "
                                               "it is called with several")
@@ -798,6 +964,144 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+@dataclass(frozen=True, eq=False)
+class _Replaced:
+    """A module replaced by its traced GraphModule in an eager parent."""
+
+    path: str
+    parent: nn.Module
+    name: str
+    original: nn.Module
+    traced: nn.Module
+
+
+def _missed_attributes(model: nn.Module, inputs: tuple[Tensor, ...],
+                       replaced: list[_Replaced]) -> list[tuple[_Replaced, str]]:
+    """Run ``model`` once and return the replacements that code outside their own forward asked
+    for something of (the first name each): an attribute only the module they replaced has (a
+    method, a property), or a submodule, parameter or buffer, which fusing may remove."""
+    missed: dict[int, tuple[_Replaced, str]] = {}
+    running: set[int] = set()  # replacements inside their own forward
+
+    def watch(item: _Replaced) -> Callable[[nn.Module, str], Any]:
+        def lookup(module: nn.Module, name: str) -> Any:
+            try:
+                value = nn.Module.__getattr__(module, name)
+            except AttributeError:
+                if hasattr(item.original, name):
+                    missed.setdefault(id(item), (item, name))
+                raise
+            if id(module) not in running:
+                missed.setdefault(id(item), (item, name))
+            return value
+        return lookup
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        running.add(id(module))
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        running.discard(id(module))
+
+    # Each GraphModule has a class of its own: watching it watches that one instance.
+    watched = [item for item in replaced if "__getattr__" not in vars(type(item.traced))]
+    handles = []
+    for item in watched:
+        type(item.traced).__getattr__ = watch(item)
+        handles += [item.traced.register_forward_pre_hook(enter),
+                    item.traced.register_forward_hook(leave)]
+    try:
+        run_quietly(model, inputs)
+    except Exception:
+        pass  # what fails for another reason, fuse's run of the fused model reports
+    finally:
+        for item in watched:
+            del type(item.traced).__getattr__
+        for handle in handles:
+            handle.remove()
+    return list(missed.values())
+
+
+def check_runs(model: nn.Module, example_inputs: ExampleInputs) -> None:
+    """Run a fused ``model`` once on the example input (no autograd); if it fails, raise
+    :class:`RepfuseError` naming the innermost module that failed and, inside a traced part,
+    the node, instead of handing back a model that does not run."""
+    inputs = as_input_tuple(example_inputs)
+    entered: list[tuple[str, nn.Module, tuple, dict]] = []  # called, not returned yet
+
+    def enter(path: str) -> Callable[[nn.Module, tuple, dict], None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            entered.append((path, module, args, kwargs))
+        return hook
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        entered.pop()
+
+    handles = []
+    for path, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(path), with_kwargs=True))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        run_quietly(model, inputs)
+    except Exception as exc:
+        failure = exc
+    else:
+        return
+    finally:
+        for handle in handles:
+            handle.remove()
+    raise RepfuseError(f"the fused model does not run on the example input: "
+                       f"{_failure_site(entered, failure)}; it is not returned (a repfuse bug, "
+                       "or eager code that uses a module the passes fused away)") from failure
+
+
+def _failure_site(entered: list[tuple[str, nn.Module, tuple, dict]], exc: Exception) -> str:
+    """Where the run failed, as the innermost module called and not returned from and, when a
+    traced part was running, its node that failed (found by running that part again)."""
+    if not entered:
+        return _first_line(exc)
+    path, module, _, _ = entered[-1]
+    kind = type(module).__name__
+    where = f"'{path}' ({kind})" if path else f"the model ({kind})"
+    part = next((item for item in reversed(entered) if isinstance(item[1], GraphModule)), None)
+    if part is not None:
+        part_path, gm, args, kwargs = part
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        values = [*args] + [kwargs[n.target] if n.target in kwargs else n.args[0]
+                            for n in placeholders[len(args):]]
+        try:
+            with torch.no_grad(), redirect_stderr(io.StringIO()):
+                _NodeLocator(gm).run(*values)
+        except _NodeFailure as located:
+            node = _join(part_path, located.node)
+            return f"at node '{node}' in {where}: {_first_line(located.__cause__)}"
+        except Exception:
+            pass
+    return f"in {where}: {_first_line(exc)}"
+
+
+class _NodeFailure(Exception):
+    def __init__(self, node: str) -> None:
+        super().__init__(node)
+        self.node = node
+
+
+class _NodeLocator(Interpreter):
+    """Runs a graph node by node and says which node failed."""
+
+    def run_node(self, node: Node) -> Any:
+        try:
+            return super().run_node(node)
+        except Exception as exc:
+            raise _NodeFailure(node.name) from exc
+
+
+def run_quietly(model: nn.Module, inputs: Sequence[Any]) -> Any:
+    """``model(*inputs)`` without autograd, and without the generated code fx prints to stderr
+    when a GraphModule fails (the caller reports the failure)."""
+    with torch.no_grad(), redirect_stderr(io.StringIO()):
+        return model(*inputs)
+
+
 @dataclass
 class _Calls:
     """The inputs of a module's first call on the example input, and the shapes of all calls."""
@@ -805,20 +1109,6 @@ class _Calls:
     args: tuple
     kwargs: dict
     shapes: set = field(default_factory=set)
-
-    def positional(self, module: nn.Module) -> list[Any] | None:
-        """The first call's arguments in the order of ``forward``'s parameters (the order of
-        a traced graph's placeholders), defaults filled in; None if that is not possible."""
-        try:
-            signature = inspect.signature(module.forward)
-            bound = signature.bind(*self.args, **self.kwargs)
-        except (TypeError, ValueError):
-            return None
-        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for p in signature.parameters.values()):
-            return None
-        bound.apply_defaults()
-        return list(bound.arguments.values())
 
 
 def _record_calls(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[int, _Calls]:
