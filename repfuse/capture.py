@@ -476,14 +476,18 @@ def _expression(node: Node, metadata: set[Node], depth: int = 0) -> str:
     def spell(arg: Any) -> str:
         return _expression(arg, metadata, depth + 1) if isinstance(arg, Node) else repr(arg)
 
+    def operand(arg: Any) -> str:  # what a method, attribute or index applies to
+        text = spell(arg)
+        return f"({text})" if " " in text else text
+
     args = node.args
     if node.op == "call_method":
         rest = ", ".join(spell(a) for a in args[1:])
-        return f"{spell(args[0])}.{node.target}({rest})"
+        return f"{operand(args[0])}.{node.target}({rest})"
     if node.target is getattr and len(args) == 2:
-        return f"{spell(args[0])}.{args[1]}"
+        return f"{operand(args[0])}.{args[1]}"
     if node.target is operator.getitem and len(args) == 2:
-        return f"{spell(args[0])}[{spell(args[1])}]"
+        return f"{operand(args[0])}[{spell(args[1])}]"
     if node.target in _SYMBOLS and len(args) == 2:
         return f"{spell(args[0])} {_SYMBOLS[node.target]} {spell(args[1])}"
     name = getattr(node.target, "__name__", str(node.target))
