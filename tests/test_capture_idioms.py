@@ -260,11 +260,11 @@ def test_pool_sized_by_the_tensor_is_a_size_node(check_shape):
         assert rel_err(reference64(model, x), gm(x)) <= F64_RTOL
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="lift calls int() on the Node kernel size (the pass side of issue 13)")
-def test_pool_sized_by_the_tensor_fuses():
-    model = randomized(BlockWithSE())
-    x = random_input((2, 3, 6, 6), dtype=torch.float64)
+@DTYPES
+@pytest.mark.parametrize("check_shape", [False, True], ids=["symbolic", "specialized"])
+def test_pool_sized_by_the_tensor_fuses(check_shape, dtype):
+    model = randomized(BlockWithSE(check_shape), dtype)
+    x = random_input((2, 3, 6, 6), dtype=dtype)
     fused = repfuse.fuse(model, x)
     assert modules_of(fused, _BatchNorm) == []
     assert_matches_reference(model, fused, x)
