@@ -642,9 +642,6 @@ def _keep_attributes(gm: GraphModule, module: nn.Module) -> None:
         gm.meta.setdefault(_PRESERVED_KEY, {}).update(kept)
 
 
-_STATE_DICTS = ("_parameters", "_buffers", "_modules")
-
-
 @contextmanager
 def _restoring(module: nn.Module) -> Iterator[None]:
     """Undo what tracing does to ``module`` and its submodules: attributes their forwards
@@ -881,7 +878,7 @@ class _PartialCapture:
         """Eager code may use more of a module than its call (``self.head.decode(y)``, a
         property), which a traced replacement lacks: run the captured model once, and put
         back each module whose caller missed something, kept eager, its children captured."""
-        for _ in range(len(self.replaced)):
+        while self.replaced:  # each round puts modules back, never the same one again
             missed = _missed_attributes(model, inputs, self.replaced)
             if not missed:
                 return
@@ -889,11 +886,16 @@ class _PartialCapture:
                 self._put_back(replaced, name)
 
     def _put_back(self, replaced: _Replaced, name: str) -> None:
-        setattr(replaced.parent, replaced.name, replaced.original)
-        self.replaced.remove(replaced)
-        self.info.parts.remove(replaced.path)
-        for line in self.decisions.pop(replaced.path):
-            self.info.specialized.remove(line)
+        """Undo the replacement, at every path where the module is (it may be shared)."""
+        paths = [item.path for item in self.replaced if item.traced is replaced.traced]
+        for item in [item for item in self.replaced if item.traced is replaced.traced]:
+            setattr(item.parent, item.name, item.original)
+            self.replaced.remove(item)
+        for path in paths:
+            if path in self.info.parts:
+                self.info.parts.remove(path)
+            for line in self.decisions.pop(path, []):
+                self.info.specialized.remove(line)
         kind = type(replaced.original).__name__
         self.info.skipped.append(SkippedModule(
             replaced.path, kind, f"code outside it uses its '{name}', which its traced and "
@@ -1006,8 +1008,9 @@ def _missed_attributes(model: nn.Module, inputs: tuple[Tensor, ...],
     def leave(module: nn.Module, args: tuple, output: Any) -> None:
         running.discard(id(module))
 
-    # Each GraphModule has a class of its own: watching it watches that one instance.
-    watched = [item for item in replaced if "__getattr__" not in vars(type(item.traced))]
+    # Each GraphModule has a class of its own: watching it watches that one instance (once,
+    # when it replaces a module shared by several paths).
+    watched = list({id(item.traced): item for item in reversed(replaced)}.values())
     handles = []
     for item in watched:
         type(item.traced).__getattr__ = watch(item)

@@ -589,6 +589,39 @@ def test_child_used_beyond_its_call_is_kept_eager(reads, name):
     assert_matches_reference(model, fused, x)
 
 
+class DecodesWith(nn.Module):
+    def __init__(self, decoder: Decoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.abs().max() > 1e9:
+            return x
+        return self.decoder.decode(self.decoder(x))
+
+
+class SharesADecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        decoder = Decoder()
+        self.first, self.second = DecodesWith(decoder), DecodesWith(decoder)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.abs().max() > 1e9:
+            return x
+        return self.first(x) + self.second(x)
+
+
+def test_shared_child_used_beyond_its_call_goes_back_at_every_path():
+    model = randomized(SharesADecoder())
+    x = random_input((1, 3, 5, 5), dtype=torch.float64)
+    with pytest.warns(repfuse.RepfuseWarning):
+        fused = repfuse.fuse(model, x)
+    assert type(fused.first.decoder) is Decoder and fused.second.decoder is fused.first.decoder
+    assert repfuse.capture_info(fused).parts == ["first.decoder.inner"]
+    assert_matches_reference(model, fused, x)
+
+
 # --- a fused model always runs ---------------------------------------------------------------
 
 
