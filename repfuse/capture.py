@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import inspect
 import io
-import math
 import operator
 import warnings
 from collections import OrderedDict
@@ -52,7 +51,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map, tree_unflatten
 
 from repfuse.errors import CaptureError, RepfuseError, RepfuseWarning
-from repfuse.graph import gc_paused
+from repfuse.graph import METADATA_ATTRIBUTES, METADATA_METHODS, SCALAR_FUNCTIONS, gc_paused
 
 ExampleInputs = Tensor | Sequence[Tensor]
 
@@ -270,6 +269,51 @@ class _Tracer(Tracer):
     def proxy(self, node: Node) -> Proxy:
         return _Proxy(node, self)
 
+    # torch.fx finds the name of every parameter or buffer it meets by scanning all of the
+    # root's parameters (or buffers): quadratic in the model, seconds for a network of a few
+    # hundred functional batch norms. These two methods look the name up in a table instead.
+
+    def _tensor_name(self, tensor: Tensor, parameters: bool) -> str | None:
+        tables = getattr(self, "_tensor_tables", None)
+        if tables is None or tables[0] is not self.root:
+            params: dict[int, str] = {}
+            buffers: dict[int, str] = {}
+            for name, p in self.root.named_parameters():
+                params.setdefault(id(p), name)
+            for name, b in self.root.named_buffers():
+                buffers.setdefault(id(b), name)
+            tables = self._tensor_tables = (self.root, params, buffers)
+        name = tables[1 if parameters else 2].get(id(tensor))
+        if name is None:
+            return None
+        # an attribute reassigned during the trace makes the table stale for it; read the
+        # module dicts directly (fx patches nn.Module.__getattr__ to call back here)
+        owner: Any = self.root
+        *path, attr = name.split(".")
+        for part in path:
+            owner = owner._modules.get(part)
+            if owner is None:
+                return None
+        found = (owner._parameters if parameters else owner._buffers).get(attr)
+        return name if found is tensor else None
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, Tensor) and not isinstance(a, Proxy):
+            name = self._tensor_name(a, isinstance(a, nn.Parameter))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        is_parameter = isinstance(attr_val, nn.Parameter)
+        if is_parameter or (self.proxy_buffer_attributes and isinstance(attr_val, Tensor)):
+            name = self._tensor_name(attr_val, is_parameter)
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -280,13 +324,6 @@ class _Tracer(Tracer):
 
 
 _UNKNOWN = object()
-# Methods and attributes that read a tensor's metadata, not its values.
-_METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device",
-                     "is_floating_point", "is_complex", "element_size", "is_contiguous"}
-_METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_sparse",
-                        "is_quantized", "is_meta"}
-_SCALAR_FUNCTIONS = {f for f in vars(operator).values() if callable(f)} | {
-    f for f in vars(math).values() if callable(f)}
 _SYMBOLS = {operator.eq: "==", operator.ne: "!=", operator.lt: "<", operator.le: "<=",
             operator.gt: ">", operator.ge: ">=", operator.add: "+", operator.sub: "-",
             operator.mul: "*", operator.floordiv: "//", operator.truediv: "/",
@@ -410,12 +447,12 @@ class _SpecializingTracer(_Tracer):
             value = self.values[node]
             return value is not _UNKNOWN and not isinstance(value, Tensor)
         if node.op == "call_method":
-            return node.target in _METADATA_METHODS
+            return node.target in METADATA_METHODS
         if node.op != "call_function":
             return False
         if node.target is getattr:
-            return len(node.args) >= 2 and node.args[1] in _METADATA_ATTRIBUTES
-        if node.target in _SCALAR_FUNCTIONS or node.target in (len, int, float, bool, min, max):
+            return len(node.args) >= 2 and node.args[1] in METADATA_ATTRIBUTES
+        if node.target in SCALAR_FUNCTIONS:
             inputs = node.all_input_nodes
             return bool(inputs) and all(n in self.metadata for n in inputs)
         return False
