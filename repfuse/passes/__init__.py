@@ -24,6 +24,7 @@ from repfuse.passes.base import (
 )
 from repfuse.passes.cleanup import RemoveNoops
 from repfuse.passes.constants import FoldConstants
+from repfuse.passes.equalize import Equalize
 from repfuse.passes.fold_affine import FoldBatchNorm, FoldScaleBias
 from repfuse.passes.metadata import ResolveMetadata
 from repfuse.passes.pooling import HoistGlobalPool
@@ -33,7 +34,8 @@ from repfuse.passes.siblings import MergeSiblings
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
     for cls in (ResolveMetadata, RemoveNoops, FoldConstants, FoldBatchNorm, FoldScaleBias,
-                MergePadding, ComposeLinear, MergeBranches, HoistGlobalPool, MergeSiblings)
+                MergePadding, ComposeLinear, MergeBranches, HoistGlobalPool, MergeSiblings,
+                Equalize)
 }
 
 # The default pipeline, in the order passes are tried at each node. Passes of a later stage

@@ -22,7 +22,7 @@ import operator
 import os
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -417,6 +417,54 @@ class Rewriter:
             self._erase([node])
         self.rewrites.append(record)
         self.touched.extend(n for n in neighbours if n not in self.erased)
+    def replace_region(
+        self,
+        pass_name: str,
+        *,
+        nodes: Sequence[Node],
+        layers: Mapping[Node, tuple[nn.Module, str, Node]],
+        roots: Sequence[Node],
+        detail: str = "",
+    ) -> Rewrite:
+        """Recompute the region ``nodes`` (graph order) with copies, each node of ``layers``
+        computed instead by a new module, and delete the originals.
+
+        ``layers[node] = (module, module_path, data)``: the copy of ``node`` calls ``module``
+        (placed at ``module_path`` as in :meth:`replace_with_module`) on the copy of ``data``.
+        ``roots`` are the region's nodes read from outside it; only their copies must compute
+        the same values (they stand for the originals), the values inside the region may
+        differ (e.g. channels rescaled by cross-layer equalization). Every other node of the
+        region must be read only inside it. Copies keep their originals' metadata, so each
+        still names the original modules it stands for.
+        """
+        region = list(nodes)
+        inside = set(region)
+        cost_before = nodes_cost(self.gm, region)
+        targets = {node: self._place_module(path, module, region)
+                   for node, (module, path, _) in layers.items()}
+        copies: dict[Node, Node] = {}
+        for node in region:
+            with self.gm.graph.inserting_before(node):
+                if node in layers:
+                    data = layers[node][2]
+                    new = self.gm.graph.call_module(targets[node], (copies.get(data, data),))
+                    new.meta = dict(node.meta)
+                else:
+                    new = self.gm.graph.node_copy(node, lambda n: copies.get(n, n))
+            copies[node] = new
+            self.index.on_create(new)
+        created = list(copies.values())
+        last = roots[-1]
+        record = Rewrite(pass_name, copies[last].name, tuple(n.name for n in region),
+                         _merge_paths(origin_paths_of(n) for n in region),
+                         module=targets.get(last), detail=detail, cost_before=cost_before,
+                         cost_after=nodes_cost(self.gm, created),
+                         stands_for=tuple((r.name, copies[r].name) for r in roots))
+        for root in roots:
+            root.replace_all_uses_with(copies[root], delete_user_cb=lambda u: u not in inside)
+        self._erase(region)
+        self.rewrites.append(record)
+        self.touched.extend(created)
         return record
 
     def is_erased(self, node: Node) -> bool:
