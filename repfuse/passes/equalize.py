@@ -438,6 +438,8 @@ class Equalize(Pass):
         "cross-layer equalization (opt-in): rescale channels across ReLU/LeakyReLU/PReLU/"
         "pooling so neighbouring layers' per-channel weight ranges match; exact, for INT8"
     )
+    # After every merge and fold (stages 0 and 1): it balances the final layers' weights.
+    stage: ClassVar[int] = 2
 
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
         gm = rewriter.gm

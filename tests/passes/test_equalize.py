@@ -471,3 +471,16 @@ def test_split_parts_read_together_are_declined() -> None:
     # parts reordered by a tuple slice: not one getitem per part
     result, _ = check_unchanged(model2, (2, 4, 6, 6), equalize)
     assert "reads the split's parts other than one by one" in result.declined[0].reason
+
+
+def test_equalize_in_a_pipeline_runs_after_the_merges() -> None:
+    model = randomize_bn_stats(create_model("repvgg_tiny"), 2).double().eval()
+    x = random_input((2, 3, 32, 32), dtype=torch.float64)
+
+    fused = repfuse.fuse(model, x, passes=[*DEFAULT_PIPELINE, "equalize"])
+
+    counts = repfuse.history(fused).counts()
+    assert counts["equalize"] == 1  # once, on the merged layers
+    assert repfuse.history(fused).rewrites[-1].pass_name == "equalize"
+    with torch.no_grad():
+        assert rel_err(reference64(model, x), fused(x)) <= F64_RTOL
