@@ -79,6 +79,7 @@ def fuse(
     return captured.module
 
 
+from repfuse.quant import QuantReport, quant_report  # noqa: E402  (imports passes, capture)
 from repfuse.verify import EquivalenceReport, verify  # noqa: E402  (verify imports capture)
 
 __all__ = [
@@ -86,4 +87,5 @@ __all__ = [
     "PassResult", "RepfuseError", "RepfuseWarning", "UnsafeLoadError", "VerificationError",
     "capture_info", "fuse", "history", "load_model", "passes", "run_pipeline", "save_model",
     "trace", "verify",
+    "QuantReport", "quant_report",
 ]

@@ -92,8 +92,8 @@ def summary_lines(report: Any) -> list[str]:
         lines.append(line)
     rewrites = data.get("equalization", {}).get("rewrites", [])
     declined = data.get("equalization", {}).get("declined", [])
-    lines.append(f"equalize: {len(rewrites)} groups rewritten, {len(declined)} layers left "
-                 "alone" + (f" (e.g. {declined[0]['reason']})" if declined else ""))
+    lines.append(f"equalize: {len(rewrites)} group(s) of layers rewritten, {len(declined)} "
+                 "layer(s) left alone" + (f" (e.g. {declined[0]['reason']})" if declined else ""))
     lines.extend(data.get("notes", []))
     return lines
 
@@ -140,7 +140,7 @@ SERIES = (("sqnr_per_tensor_db", "fused, per-tensor", "#c0392b", False),
           ("sqnr_per_tensor_db", "fused + equalize, per-tensor", "#2e86c1", True))
 
 
-def sqnr_chart_svg(report: Any, width: int = 1000, height: int = 320) -> str:
+def sqnr_chart_svg(report: Any, width: int = 1000, height: int = 380) -> str:
     """Grouped bars of INT8 weight SQNR per layer (fused per-tensor, per-channel, equalized
     per-tensor) with the flagging threshold dashed. Infinite SQNR is drawn to the top."""
     data = _data(report)
@@ -150,7 +150,7 @@ def sqnr_chart_svg(report: Any, width: int = 1000, height: int = 320) -> str:
     values = [_num(layer[key]) for layer in layers for key, *_ in SERIES]
     finite = [v for v in values if math.isfinite(v)]
     high = max(60.0, math.ceil(max(finite, default=60.0) / 10) * 10)
-    left, right, top, bottom = 50, 10, 28, 110
+    left, right, top, bottom = 50, 10, 28, 170
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def y(value: float) -> float:
