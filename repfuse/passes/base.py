@@ -462,6 +462,10 @@ class Rewriter:
                          stands_for=tuple((r.name, copies[r].name) for r in roots))
         for root in roots:
             root.replace_all_uses_with(copies[root], delete_user_cb=lambda u: u not in inside)
+        for node in region:  # a copy has its original's shape: reads of it move there
+            for reader in metadata_readers(node):
+                if reader not in inside:
+                    reader.replace_input_with(node, copies[node])
         self._erase(region)
         self.rewrites.append(record)
         self.touched.extend(created)

@@ -44,7 +44,7 @@ from repfuse.equalization import (
     range_ratio,
     solve_equalization,
 )
-from repfuse.graph import LayerView, bind_args, describe, layer_view, shape_of
+from repfuse.graph import LayerView, bind_args, data_users, describe, layer_view, shape_of
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 # A group whose solved scales are all within this of 1 is already equalized (float32 weights
@@ -182,7 +182,7 @@ class _ChannelFlow:
         reaches_output = False
         while pending:
             source = pending.popleft()
-            for user in source.users:
+            for user in data_users(source):  # reading its shape is no use of its values
                 if user in seen:
                     continue
                 seen.add(user)
@@ -517,7 +517,7 @@ class Equalize(Pass):
                                        *(r.node for r, _ in s.readers))))
         region = _topological(region)
         inside = set(region)
-        roots = [n for n in region if any(u not in inside for u in n.users)]
+        roots = [n for n in region if any(u not in inside for u in data_users(n))]
         extremes = torch.cat([s.reshape(-1) for s in solved.scales])
         names = [describe(s.producer.node, gm) for s in group]
         producers = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3

@@ -484,3 +484,31 @@ def test_equalize_in_a_pipeline_runs_after_the_merges() -> None:
     assert repfuse.history(fused).rewrites[-1].pass_name == "equalize"
     with torch.no_grad():
         assert rel_err(reference64(model, x), fused(x)) <= F64_RTOL
+
+
+class ShapeReadInside(nn.Module):
+    """The hidden activation's shape is read (for a reshape after the chain): equalization
+    rescales its values, not its shape, so the read moves to the rescaled copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 6, 1)
+        self.second = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        hidden = torch.relu(self.first(x))
+        n, c, h, w = hidden.shape
+        return self.second(hidden).reshape(n, -1, h * w)
+
+
+def test_a_shape_read_of_a_rescaled_activation_does_not_block_equalization() -> None:
+    model = ShapeReadInside().double().eval()
+    with torch.no_grad():
+        model.first.weight[0] *= 50.0  # an outlier channel to equalize
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    gm = repfuse.trace(model, x)
+    result = repfuse.passes.run_pipeline(gm, ["equalize"])
+    assert result.counts()["equalize"] == 1
+    with torch.no_grad():
+        expected = model(x)
+        assert (gm(x) - expected).abs().max() <= 1e-10 * expected.abs().max()
