@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from corpus import Spec
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_leaves
 
@@ -135,11 +136,18 @@ def deploy_form(spec: Spec, model: nn.Module) -> tuple[nn.Module, str]:
 # --- measuring -------------------------------------------------------------------------------
 
 
-def outputs(model: Callable, inputs: tuple[Tensor, ...]) -> list[Tensor]:
-    """The floating-point tensor leaves of ``model(*inputs)``, in order."""
+def outputs(model: Callable, inputs: tuple[Tensor, ...], floating: bool = True
+            ) -> list[Tensor]:
+    """The floating-point (or all) tensor leaves of ``model(*inputs)``, in order."""
     with torch.no_grad():
         result = model(*inputs)
-    return [t for t in tree_leaves(result) if isinstance(t, Tensor) and t.is_floating_point()]
+    leaves = tree_leaves(result)
+    stale = sum(1 for t in leaves if isinstance(t, Proxy))
+    if stale:
+        raise TypeError(f"the model returned {stale} fx Proxy object(s), left over from "
+                        "tracing, where tensors belong")
+    return [t for t in leaves
+            if isinstance(t, Tensor) and (t.is_floating_point() or not floating)]
 
 
 def rel_error(reference: list[Tensor], candidate: list[Tensor]) -> float:
@@ -414,6 +422,39 @@ def collected_warnings() -> Iterator[list[str]]:
                     if issubclass(w.category, repfuse.RepfuseWarning))
 
 
+class OutputSubset(nn.Module):
+    """``model`` returning only the tensor leaves of its output at ``indices`` (one input: a
+    ``*inputs`` forward would itself be untraceable)."""
+
+    def __init__(self, model: nn.Module, indices: list[int]) -> None:
+        super().__init__()
+        self.model, self.indices = model, list(indices)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        # an fx Proxy stands for a tensor while the model is traced
+        leaves = [t for t in tree_leaves(self.model(x)) if isinstance(t, (Tensor, Proxy))]
+        return tuple(leaves[i] for i in self.indices)
+
+
+def matching_outputs(original: list[Tensor], deployed: list[Tensor]) -> list[int]:
+    """``[]`` where the deploy form returns what the model returns; else, for each deployed
+    output, the index of the model's output it equals (float32 closeness), in order. Both are
+    lists of all tensor leaves (:func:`outputs` with ``floating=False``)."""
+    if len(original) == len(deployed) and all(
+            a.shape == b.shape for a, b in zip(original, deployed, strict=True)):
+        return []
+    found, start = [], 0
+    for out in deployed:
+        match = next((i for i in range(start, len(original))
+                      if original[i].shape == out.shape
+                      and rel_error([original[i]], [out]) <= 1e-4), None)
+        if match is None:
+            raise ValueError("the deploy form returns an output the model does not")
+        found.append(match)
+        start = match + 1
+    return found
+
+
 # --- one model -------------------------------------------------------------------------------
 
 
@@ -452,6 +493,11 @@ class Evaluation:
     conv_after: int = -1
     conv_deploy: int = -1
     deploy: str = ""
+    # Where the deploy form drops outputs of the model (ultralytics' fuse() removes the
+    # one-to-many head of end-to-end detectors): the model's outputs it still computes, and
+    # the conv calls of repfuse's fusion of the model asked for those outputs only.
+    deploy_outputs: list[int] = field(default_factory=list)
+    conv_after_same_outputs: int = -1
     error64: float = float("nan")
     error32: float = float("nan")
     floor32: float = float("nan")  # the original in float32 against itself in float64
@@ -502,9 +548,15 @@ def evaluate(spec: Spec, *, blocks: bool = True, keep: dict | None = None) -> Ev
         deploy32, result.deploy = deploy_form(spec, model32)
         counts, _ = op_counts(deploy32, x32)
         result.bn_deploy, result.conv_deploy = counts["batchnorm"], counts["conv"]
-        result.deploy_error32 = rel_error(ref64, outputs(deploy32, x32))
+        result.deploy_outputs = matching_outputs(outputs(model32, x32, floating=False),
+                                                 outputs(deploy32, x32, floating=False))
+        reference = outputs(model64, x64, floating=False)
+        kept = [reference[i] for i in result.deploy_outputs or range(len(reference))]
+        result.deploy_error32 = rel_error(
+            [t for t in kept if t.is_floating_point()], outputs(deploy32, x32))
         deploy64, _ = deploy_form(spec, model64)
-        result.deploy_error64 = rel_error(ref64, outputs(deploy64, x64))
+        result.deploy_error64 = rel_error(
+            [t for t in kept if t.is_floating_point()], outputs(deploy64, x64))
     except Exception as exc:
         result.deploy += f" (failed: {first_line(exc)})"
 
@@ -532,6 +584,14 @@ def evaluate(spec: Spec, *, blocks: bool = True, keep: dict | None = None) -> Ev
         result.failure_at = where(exc)
     if fused32 is not None:
         _record_history(result, fused32)
+    if fused32 is not None and result.deploy_outputs:
+        try:  # repfuse asked for only the outputs the deploy form still computes
+            subset = OutputSubset(model32, result.deploy_outputs)
+            counts, _ = op_counts(fuse_quietly(subset, x32), x32)
+            result.conv_after_same_outputs = counts["conv"]
+        except Exception as exc:
+            result.failure = f"fuse the deploy form's outputs only: {first_line(exc)}"
+            result.failure_at = where(exc)
     if keep is not None:
         keep.update(original=model32, fused=None if result.failure else fused32,
                     deploy=deploy32, inputs=x32)
