@@ -112,6 +112,10 @@ def _notes(row: dict) -> str:
     notes = []
     if row.get("failure"):
         notes.append(row["failure"])
+    if row.get("deploy_outputs"):
+        notes.append(f"the deploy form returns {len(row['deploy_outputs'])} of the model's "
+                     f"outputs (repfuse convs asked for those: {row['conv_after_same_outputs']}; "
+                     "timed with all)")
     if row.get("partial"):
         notes.append(f"{len(row['skipped'])} part(s) kept eager")
     if row.get("timing_error"):
@@ -119,7 +123,8 @@ def _notes(row: dict) -> str:
     timing = row.get("timing")
     if timing and timing["ratio"] > TARGET_RATIO:
         notes.append(f"slower than the deploy form (target ≤ {TARGET_RATIO})")
-    if not row.get("failure") and row["conv_after"] > row["conv_deploy"] >= 0:
+    convs = row["conv_after_same_outputs"] if row.get("deploy_outputs") else row["conv_after"]
+    if not row.get("failure") and convs > row["conv_deploy"] >= 0:
         notes.append("more convs than the deploy form")
     if not row.get("failure") and row["bn_foldable"]:
         notes.append(f"{len(row['bn_foldable'])} foldable BN left")
