@@ -19,7 +19,6 @@ measured once, :func:`evaluation`):
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import tempfile
@@ -57,8 +56,24 @@ def _threads():
     torch.set_num_threads(before)
 
 
-@functools.cache
+_EVALUATIONS: dict = {}
+
+
 def evaluation(spec) -> Evaluation:
+    """:func:`harness.evaluate` once per model; an error of the harness itself (building the
+    model, running the original) is raised again, not recomputed, by the model's other tests."""
+    if spec not in _EVALUATIONS:
+        try:
+            _EVALUATIONS[spec] = _evaluate(spec)
+        except Exception as exc:
+            _EVALUATIONS[spec] = exc
+    result = _EVALUATIONS[spec]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _evaluate(spec) -> Evaluation:
     result = evaluate(spec)
     if RECORD:
         with open(RECORD, "a", encoding="utf-8") as file:
