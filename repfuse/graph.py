@@ -511,6 +511,44 @@ def _produces_tensor(node: Node) -> bool:
     return "tensor_meta" in node.meta or node.op in ("call_module", "placeholder")
 
 
+# Ops that mutate, draw random numbers or touch global state: never evaluated ahead of time,
+# never removed when nothing reads their result.
+_IMPURE_FUNCTIONS = {
+    operator.setitem, torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like,
+    torch.randn_like, torch.randint_like, torch.bernoulli, torch.normal, torch.poisson,
+    torch.multinomial, torch.empty, torch.empty_like, torch.dropout, F.dropout,
+    F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d, print,
+}
+_IMPURE_METHODS = {"bernoulli", "multinomial", "normal", "uniform", "random", "exponential",
+                   "geometric", "cauchy", "log_normal"}
+
+
+def is_impure(node: Node) -> bool:
+    """True when calling ``node`` does more than compute its result: writes in place, draws
+    random numbers, asserts, prints (torch.fx's side-effect list included)."""
+    if node.op in ("placeholder", "output") or node.is_impure():
+        return True
+    if node.op == "call_module":
+        return False  # whether the module is pure is the caller's question
+    if node.kwargs.get("inplace") or "out" in node.kwargs:
+        return True
+    if isinstance(node.target, str):
+        return node.target.endswith("_") or node.target in _IMPURE_METHODS
+    try:
+        return node.target in _IMPURE_FUNCTIONS
+    except TypeError:  # an unhashable target
+        return True
+
+
+def mutates(user: Node, node: Node) -> bool:
+    """True when ``user`` writes into ``node``'s tensor (``x.add_(...)``, ``x[i] = v``)."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_method":
+        return user.target.endswith("_")
+    return user.target is operator.setitem or bool(user.kwargs.get("inplace"))
+
+
 def data_users(node: Node) -> list[Node]:
     """The nodes that read ``node``'s values (metadata reads such as ``x.shape`` excluded)."""
     return [u for u in node.users if not reads_metadata_only(u, node)]

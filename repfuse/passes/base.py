@@ -417,6 +417,8 @@ class Rewriter:
             self._erase([node])
         self.rewrites.append(record)
         self.touched.extend(n for n in neighbours if n not in self.erased)
+        return record
+
     def replace_region(
         self,
         pass_name: str,

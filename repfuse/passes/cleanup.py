@@ -1,8 +1,11 @@
 """Remove ops that compute the identity in eval mode.
 
 ``nn.Identity``; dropout in every spelling (``nn.Dropout*``, ``F.dropout*``, ``torch.dropout``,
-``aten.dropout``) when not training or with ``p = 0``; and ``x * 1``, ``1 * x``, ``x / 1``,
-``x + 0``, ``0 + x`` (the start of ``sum([...])``), ``x - 0`` on a floating-point ``x``.
+``aten.dropout``) when not training or with ``p = 0``; ``x * 1``, ``1 * x``, ``x / 1``,
+``x + 0``, ``0 + x`` (the start of ``sum([...])``), ``x - 0`` on a floating-point ``x``; and
+*dead code*: an op whose result nothing reads and whose call has no effect (no in-place write,
+random draw or assert; a module only if it is one of torch.nn's own, in eval mode), e.g. a
+detection head's training-only branch that eval mode computes and drops.
 Custom modules such as stochastic depth (drop path) that return their input in eval mode
 vanish already during tracing, since fx traces through them.
 """
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from repfuse.graph import arith_kind, bind_args, describe, dtype_of
+from repfuse.graph import arith_kind, bind_args, describe, dtype_of, is_impure
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -48,6 +51,9 @@ class RemoveNoops(Pass):
 
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
         gm = rewriter.gm
+        if not node.users and _removable(gm, node):
+            return rewriter.remove(self.name, node, f"{describe(node, gm)} computes a value "
+                                                    "nothing reads: removed")
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if not isinstance(module, (nn.Identity, *_DROPOUT_MODULES)):
@@ -83,3 +89,16 @@ class RemoveNoops(Pass):
         if dtype is None or not dtype.is_floating_point or dtype_of(node) != dtype:
             return None  # x * 1.0 on an integer tensor changes its dtype
         return rewriter.bypass(self.name, node, data, f"{describe(node, rewriter.gm)} removed")
+
+
+def _removable(gm, node: Node) -> bool:
+    """True for a dead node that may go: no effect of its call is lost."""
+    if node.op not in ("call_function", "call_method", "call_module") or is_impure(node):
+        return False
+    if node.op != "call_module":
+        return True
+    module = gm.get_submodule(node.target)
+    own = type(module).__module__.startswith("torch.nn.modules")
+    hooked = any(getattr(module, name, None) for name in ("_forward_hooks",
+                                                           "_forward_pre_hooks"))
+    return own and not module.training and not hooked

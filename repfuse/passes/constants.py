@@ -10,7 +10,6 @@ identity-based 1×1 kernel ``w + id.to(w.device)``, or a weight-standardized ker
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,19 +18,9 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from repfuse.graph import describe, fetch_attr, is_metadata_helper
+from repfuse.graph import describe, fetch_attr, is_impure, is_metadata_helper, mutates
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
-# Ops that mutate, draw random numbers or touch global state: never evaluated ahead of time.
-_IMPURE_FUNCTIONS = {
-    operator.setitem, torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like,
-    torch.randn_like, torch.randint_like, torch.bernoulli, torch.normal, torch.poisson,
-    torch.multinomial, torch.empty, torch.empty_like, torch.dropout, torch.nn.functional.dropout,
-    torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout,
-    torch.nn.functional.dropout1d, torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
-}
-_IMPURE_METHODS = {"bernoulli", "multinomial", "normal", "uniform", "random", "exponential",
-                   "geometric", "cauchy", "log_normal"}
 # Larger results are left to be computed at run time (a folded broadcast could be huge).
 MAX_CONSTANT_ELEMENTS = 1 << 24
 
@@ -50,7 +39,7 @@ class FoldConstants(Pass):
             return None
         if is_metadata_helper(node):
             return None  # a plain value: folded into the tensor op that reads it
-        if _impure(node) or any(_mutates(user, node) for user in node.users):
+        if is_impure(node) or any(mutates(user, node) for user in node.users):
             return None  # random, in place, or its value is changed in place later
         gm = rewriter.gm
         known: dict[Node, Any] = {}
@@ -97,23 +86,6 @@ def _constant(gm: GraphModule, node: Node, known: dict[Node, Any]) -> bool:
     except Exception:
         return False
     return True
-
-
-def _impure(node: Node) -> bool:
-    if node.kwargs.get("inplace") or "out" in node.kwargs:
-        return True
-    if isinstance(node.target, str):
-        return node.target.endswith("_") or node.target in _IMPURE_METHODS
-    return node.target in _IMPURE_FUNCTIONS
-
-
-def _mutates(user: Node, node: Node) -> bool:
-    """True when ``user`` writes into ``node``'s tensor (``x.add_(...)``, ``x[i] = v``)."""
-    if not user.args or user.args[0] is not node:
-        return False
-    if user.op == "call_method":
-        return user.target.endswith("_")
-    return user.target is operator.setitem or bool(user.kwargs.get("inplace"))
 
 
 def _call(node: Node, args: Any, kwargs: Any) -> Any:

@@ -504,3 +504,51 @@ def test_dilated_branches_merge_when_asked_even_if_costlier() -> None:
     assert conv.kernel_size == (9, 9) and conv.dilation == (6, 6)
     with torch.no_grad():
         assert (gm(x) - model(x)).abs().max() <= F64_RTOL * model(x).abs().max()
+
+
+class DeadHead(nn.Module):
+    """A head whose second branch eval mode computes and drops (a detection model's
+    training-only one-to-many head): dead code, removed before the siblings merge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.live = nn.Conv2d(4, 2, 1)
+        self.dead = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        unused = self.dead(y)
+        unused = unused.sigmoid() * 2
+        return self.live(y)
+
+
+class DeadButImpure(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch.randn_like(y)  # dropping it would change the random numbers drawn after it
+        y.add_(1.0)  # in place: its result is unused, its effect is not
+        return y
+
+
+def test_dead_code_is_removed_but_not_effects() -> None:
+    from repfuse.passes import remove_noops
+
+    model = DeadHead().double().eval()
+    x = rand((2, 3, 6, 6), dtype=torch.float64)
+    gm = repfuse.trace(model, x)
+    result = remove_noops(gm)
+    assert sorted(modules_of(gm, nn.Conv2d)) == ["live", "stem"]
+    assert sum("nothing reads" in r.detail for r in result.rewrites) == 3
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+    impure = DeadButImpure().double().eval()
+    gm = repfuse.trace(impure, x)
+    before = [n.target for n in gm.graph.nodes]
+    remove_noops(gm)
+    assert [n.target for n in gm.graph.nodes] == before
