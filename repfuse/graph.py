@@ -534,6 +534,8 @@ def is_impure(node: Node) -> bool:
         return True
     if isinstance(node.target, str):
         return node.target.endswith("_") or node.target in _IMPURE_METHODS
+    if "assert" in getattr(node.target, "__name__", ""):
+        return True  # a check, e.g. torch.fx's _assert_is_none for a bound None argument
     try:
         return node.target in _IMPURE_FUNCTIONS
     except TypeError:  # an unhashable target
