@@ -479,6 +479,7 @@ class Rewriter:
     def _place_module(self, path: str, module: nn.Module, replaced: Sequence[Node]) -> str:
         if not self._reusable(path, replaced):
             path = self._fresh_path(path)
+        module.train(self.gm.training)  # a new layer is born in training mode; the graph is not
         self.gm.add_submodule(path, module)  # replaces the old module when reusing its path
         return path
 

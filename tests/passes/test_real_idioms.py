@@ -552,3 +552,9 @@ def test_dead_code_is_removed_but_not_effects() -> None:
     before = [n.target for n in gm.graph.nodes]
     remove_noops(gm)
     assert [n.target for n in gm.graph.nodes] == before
+
+
+def test_layers_a_rewrite_creates_are_in_the_graphs_mode() -> None:
+    gm, _ = fuse_checked(randomize_bn(ConvCheckedBN()), rand((1, 3, 5, 5)))
+    assert not gm.training
+    assert all(not m.training for m in gm.modules())
