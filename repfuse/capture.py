@@ -57,6 +57,9 @@ ExampleInputs = Tensor | Sequence[Tensor]
 
 # Attribute on a captured (and fused) model holding its CaptureInfo; survives copy and pickle.
 CAPTURE_ATTR = "_repfuse_capture"
+# How every shape guard's message starts: exporters recognize guards by it (also in a model
+# saved and loaded again, whose node metadata is gone).
+GUARD_MESSAGE = "repfuse specialized this model's Python branches to "
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
@@ -359,13 +362,15 @@ class _SpecializingTracer(_Tracer):
     and the decision recorded in :attr:`decisions`; control flow on tensor values still fails.
     """
 
-    def __init__(self, inputs: Sequence[Any], opaque: frozenset[str] = frozenset()) -> None:
+    def __init__(self, inputs: Sequence[Any] = (), opaque: frozenset[str] = frozenset()) -> None:
+        # No arguments when fx re-traces a saved model's code on load (``gm._tracer_cls()``).
         super().__init__(opaque)
         # Copies, also inside lists: the traced code may write into them (`x[i] = ...`).
         self.inputs = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, list(inputs))
         self.values: dict[Node, Any] = {}
         self.metadata: set[Node] = set()
         self.decisions: list[tuple[str, str]] = []  # (module path, what was decided)
+        self.decided: list[tuple[Node, str]] = []  # (node decided on, how: its value or len)
         self._placeholders = 0
         self._evaluating = False
 
@@ -468,6 +473,7 @@ class _SpecializingTracer(_Tracer):
         scope = next(reversed(self.module_stack.values()), None) if self.module_stack else None
         path = scope[0] if scope else ""
         self.decisions.append((path, f"{what} {self._spell(node)} is {value!r}"))
+        self.decided.append((node, "len" if what in ("len of", "iteration over") else "value"))
 
     def to_bool(self, obj: Proxy) -> bool:
         node, value = self._known(obj)
@@ -648,9 +654,10 @@ def _trace_once(module: nn.Module, binding: _Binding | None,
             except Exception as exc:
                 failure = exc, tracer.failed_module
             else:
+                read = _inputs_read(tracer)  # before the dead queries go: it walks their args
                 _remove_dead_metadata(graph, tracer.metadata)
                 if tracer.decisions:
-                    _guard_inputs(graph, tracer)
+                    _guard_inputs(graph, tracer, read)
                 traced = _Traced(_finish(tracer, graph, binding), tracer.decisions, {})
     if traced is not None:
         _keep_attributes(traced.gm, module)
@@ -713,25 +720,99 @@ def _remove_dead_metadata(graph: torch.fx.Graph, metadata: set[Node]) -> None:
             graph.erase_node(node)
 
 
-def _guard_inputs(graph: torch.fx.Graph, tracer: _SpecializingTracer) -> None:
-    """Start the graph with checks that the inputs are those the decisions were made for."""
+# What the decisions read of an input: these dims (``"rank"`` for ``x.dim()``), or all of it.
+_ALL = None
+
+
+def _inputs_read(tracer: _SpecializingTracer) -> dict[Node, frozenset | None]:
+    """Per placeholder, what the recorded decisions read of it: the indices of the dims the
+    code asked for (``x.shape[-1]``, ``x.size(1)``; ``len(x)`` is dim 0), ``"rank"`` for
+    ``x.dim()``/``x.ndim``, or :data:`_ALL`. A decision on the shape of an intermediate tensor
+    reads every tensor input entirely: which input dims it depends on is not known."""
+    read: dict[Node, frozenset | None] = {}
+    placeholders = [n for n in tracer.graph.nodes if n.op == "placeholder"]
+
+    def add(node: Node, items: frozenset | None) -> None:
+        known = read.get(node, frozenset())
+        read[node] = None if known is None or items is None else known | items
+
+    def shape_read(node: Node) -> Node | None:
+        """The placeholder whose whole shape ``node`` is (``x.shape``, ``x.size()``)."""
+        if not node.args or not isinstance(node.args[0], Node):
+            return None
+        source = node.args[0]
+        whole = ((node.target is getattr and node.args[1:] == ("shape",))
+                 or (node.op == "call_method" and node.target == "size" and len(node.args) == 1))
+        return source if whole and source.op == "placeholder" else None
+
+    def visit(node: Node, how: str = "value") -> None:
+        if node.op == "placeholder":
+            is_tensor = isinstance(tracer.values.get(node), Tensor)
+            add(node, frozenset({0}) if is_tensor and how == "len" else
+                (_ALL if is_tensor else frozenset()))
+            return
+        if node not in tracer.metadata:  # a tensor whose length or items were asked for
+            for placeholder in placeholders:
+                add(placeholder, _ALL)
+            return
+        args = node.args
+        source = args[0] if args and isinstance(args[0], Node) else None
+        on_input = source is not None and source.op == "placeholder"
+        index = args[1] if len(args) == 2 and isinstance(args[1], int) else None
+        if node.target is operator.getitem and source is not None and index is not None \
+                and shape_read(source) is not None:
+            add(shape_read(source), frozenset({index}))
+        elif on_input and node.op == "call_method" and node.target == "size" and index is not None:
+            add(source, frozenset({index}))
+        elif on_input and (node.target in ("dim", "ndimension")
+                           or (node.target is getattr and args[1:] == ("ndim",))):
+            add(source, frozenset({"rank"}))
+        elif on_input and ((node.target is getattr and args[1:] in (("dtype",), ("device",)))
+                           or node.target in ("is_floating_point", "get_device")):
+            return  # not a shape: the guards check shapes only
+        elif on_input and (node.target is getattr or node.op == "call_method"):
+            add(source, _ALL)  # the whole shape, numel(), ...
+        else:
+            for arg in node.all_input_nodes:
+                visit(arg)
+
+    for node, how in tracer.decided:
+        visit(node, how)
+    return read
+
+
+def _guard_inputs(graph: torch.fx.Graph, tracer: _SpecializingTracer,
+                  read: dict[Node, frozenset | None]) -> None:
+    """Start the graph with checks that the inputs are those the decisions were made for: the
+    dims the code read (the whole shape when not known), the rank, an argument's value."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     first = next(n for n in graph.nodes if n.op != "placeholder")
+
+    def guard(actual: Any, expected: Any, what: str) -> None:
+        same = graph.call_function(operator.eq, (actual, expected))
+        graph.call_function(torch._assert, (
+            same, f"{GUARD_MESSAGE}{what}; convert it again for other inputs"))
+
     with graph.inserting_before(first):
         for node in placeholders:
-            value = tracer.values.get(node, _UNKNOWN)
-            if isinstance(value, Tensor):
-                expected: Any = tuple(value.shape)
-                actual = graph.call_function(getattr, (node, "shape"))
-                what = f"input '{node.name}' of shape {list(expected)}"
-            elif isinstance(value, (bool, int, float, str, type(None))):
-                expected, actual, what = value, node, f"argument '{node.name}' = {value!r}"
-            else:
+            if node not in read:
                 continue
-            same = graph.call_function(operator.eq, (actual, expected))
-            graph.call_function(torch._assert, (
-                same, f"repfuse specialized this model's Python branches to {what}; "
-                      "convert it again for other inputs"))
+            value, items = tracer.values.get(node, _UNKNOWN), read[node]
+            if isinstance(value, Tensor):
+                if items is _ALL:
+                    guard(graph.call_function(getattr, (node, "shape")), tuple(value.shape),
+                          f"input '{node.name}' of shape {list(value.shape)}")
+                    continue
+                if "rank" in items:
+                    guard(graph.call_method("dim", (node,)), value.dim(),
+                          f"input '{node.name}' of rank {value.dim()}")
+                dims = sorted(d for d in items if d != "rank")
+                shape = graph.call_function(getattr, (node, "shape")) if dims else None
+                for dim in dims:
+                    guard(graph.call_function(operator.getitem, (shape, dim)), value.shape[dim],
+                          f"input '{node.name}' with shape[{dim}] == {value.shape[dim]}")
+            elif isinstance(value, (bool, int, float, str, type(None))):
+                guard(node, value, f"argument '{node.name}' = {value!r}")
 
 
 def _trace_largest(module: nn.Module, binding: _Binding | None) -> _Traced:
