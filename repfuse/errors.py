@@ -1,8 +1,11 @@
 """The one exception family of repfuse.
 
 Every error a user can cause (a file that does not load, a model that does not trace, an option
-that makes no sense) is a :class:`RepfuseError` whose message says what to do. The CLI prints it
-as one line and exits with :attr:`RepfuseError.exit_code`.
+that makes no sense, an export that fails) is a :class:`RepfuseError` whose message says what to
+do. The CLI prints it as one line and exits with :attr:`RepfuseError.exit_code` (2).
+
+The zoo's errors also derive from the built-in exception that callers caught before they joined
+this family (``KeyError`` for an unknown name, ``ValueError`` for a structure that does not fit).
 """
 
 from __future__ import annotations
@@ -28,6 +31,22 @@ class CaptureError(RepfuseError):
 
 class VerificationError(RepfuseError):
     """Reference and candidate could not be compared (not: they differ)."""
+
+
+class ExportError(RepfuseError):
+    """A fused model could not be exported in the asked format."""
+
+
+class UnknownModelError(RepfuseError, KeyError):
+    """No zoo model has the asked name."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the message
+        return Exception.__str__(self)
+
+
+class ModelStructureError(RepfuseError, ValueError):
+    """A model, state dict or registration does not have the structure asked for: a deploy
+    form that does not exist, weights that do not fit it, a name registered twice."""
 
 
 class GraphInvariantError(RuntimeError):
