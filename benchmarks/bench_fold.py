@@ -27,7 +27,7 @@ def bench_model(name: str, batch: int, repeat: int) -> dict:
     seconds = []
     for _ in range(3):
         start = time.perf_counter()
-        result = convert(model, x, check=False, name=name)
+        result = convert(model, x, verify=None, name=name)
         seconds.append(time.perf_counter() - start)
     timings = time_models({"original": model, "fused": result.fused}, (x,), repeat=repeat)
     before, after = result.cost_before, result.cost_after

@@ -25,12 +25,12 @@ from repfuse.passes import DEFAULT_PIPELINE
 def bench_model(name: str, batch: int, repeat: int) -> dict:
     train = create_model(name)
     x = example_input((batch, *get_spec(name).input_shape[1:]), train)
-    full = convert(train, x, check=False, name=name)
+    full = convert(train, x, verify=None, name=name)
     no_siblings = [p for p in DEFAULT_PIPELINE if p != "merge_siblings"]
-    partial = convert(train, x, no_siblings, check=False, name=name)
+    partial = convert(train, x, passes=no_siblings, verify=None, name=name)
     models = {"train": train, "no_siblings": partial.fused, "fused": full.fused}
     if get_spec(name).supports_deploy:  # its BN is folded by hand: give it BN-folded weights
-        folded = convert(train, x, "remove_noops,fold_batchnorm", check=False).fused
+        folded = convert(train, x, passes="remove_noops,fold_batchnorm", verify=None).fused
         models["deploy"] = load_by_structure(create_model(name, deploy=True), folded, x).eval()
     timings = time_models(models, (x,), repeat=repeat)
     return {"model": name, "batch": batch, "convert_s": full.seconds,

@@ -23,7 +23,7 @@ def bench_model(name: str, batch: int, repeat: int) -> dict:
     train = create_model(name)
     x = example_input((batch, *get_spec(name).input_shape[1:]), train)
     start = time.perf_counter()
-    result = convert(train, x, check=False, name=name)
+    result = convert(train, x, verify=None, name=name)
     convert_s = time.perf_counter() - start
     deploy = load_by_structure(create_model(name, deploy=True), result.fused, x).eval()
     timings = time_models({"train": train, "fused": result.fused, "deploy": deploy}, (x,),

@@ -75,7 +75,7 @@ def deploy_form(name: str, train: nn.Module, fused: nn.Module, x: Tensor) -> tup
     """
     reason = "no pipeline tried"
     for source, passes in DEPLOY_WEIGHT_SOURCES.items():
-        weights = fused if passes is None else convert(train, x, passes, check=False).fused
+        weights = fused if passes is None else convert(train, x, passes=passes, verify=None).fused
         loaders = {"by structure": lambda deploy, w=weights: load_by_structure(deploy, w, x),
                    "by name": lambda deploy, w=weights: load_fused_state_dict(
                        deploy, w.state_dict())}
@@ -267,7 +267,7 @@ def warm_up_conversion() -> None:
     conversion is then loaded, and not counted as a conversion's memory or time."""
     model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU()).eval()
     x = torch.randn(1, 2, 4, 4)
-    convert(model, x, check=True)
+    convert(model, x)
 
 
 def _conversion_peak_child(name: str, threads: int) -> None:
@@ -281,13 +281,13 @@ def _conversion_peak_child(name: str, threads: int) -> None:
     x = example_input(get_spec(name).input_shape, model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        conversion, peak = peak_rss_increase(lambda: convert(model, x, check=False, name=name))
+        conversion, peak = peak_rss_increase(lambda: convert(model, x, verify=None, name=name))
     print(json.dumps({"peak_mib": peak.increase_mib, "method": peak.method,
                       "model_rss_mib": peak.before_mib, "seconds": conversion.seconds}))
 
 
 def conversion_peak_memory(name: str, threads: int, timeout: float = 300.0) -> dict:
-    """Peak memory of ``convert(model, x, check=False)`` for zoo model ``name`` at its batch-1
+    """Peak memory of ``convert(model, x, verify=None)`` for zoo model ``name`` at its batch-1
     example, measured in a fresh Python process (so memory freed earlier by other models cannot
     be reused unseen): the peak RSS during the conversion minus the RSS once the model and its
     input were built (:func:`peak_rss_increase`), after one warm-up conversion of a one-conv

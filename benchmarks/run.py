@@ -8,7 +8,7 @@ For each zoo model (``repfuse.models.list_models()``, randomized BN statistics a
 ``create_model`` gives them), on the CPU, at each batch size, on one seeded N(0, 1) input:
 
 **Forms.** ``train``: the model as built. ``repfuse``: ``repfuse.convert.convert(model, x,
-check=False)`` (default pipeline), converted at that batch. ``deploy``: the hand-written deploy
+verify=None)`` (default pipeline), converted at that batch. ``deploy``: the hand-written deploy
 form (``get_spec(name).supports_deploy``) holding repfuse's weights via ``load_by_structure``,
 so it computes the same function; where the default pipeline's layout differs from the deploy
 form's (horizontal fusion, streamline merging), the weights come from repfuse without
@@ -173,7 +173,7 @@ def converted(model: nn.Module, x: Tensor, name: str) -> tuple[Conversion, list[
     """repfuse's default conversion, without verification, and the warnings it gave."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        conversion = convert(model, x, check=False, name=name)
+        conversion = convert(model, x, verify=None, name=name)
     notes = sorted({str(w.message).splitlines()[0] for w in caught})
     return conversion, notes
 
@@ -244,7 +244,7 @@ def bench_batch(name: str, train: nn.Module, x: Tensor, conversion: Conversion,
         onnx_models = {form: forms[form] for form in ONNX_FORMS if form in forms}
         if conversion.passes.counts().get("merge_siblings"):
             # what `repfuse convert -o MODEL.onnx` writes: no horizontal fusion for onnxruntime
-            onnx_models["fused"] = convert(train, x, list(ONNX_PIPELINE), check=False,
+            onnx_models["fused"] = convert(train, x, passes=list(ONNX_PIPELINE), verify=None,
                                            name=name).fused
             record["onnx_pipeline"] = "without merge_siblings"
         missing = {k: v for k, v in peer_failures.items() if k in ONNX_FORMS}

@@ -6,7 +6,7 @@ Each network is a plain ``nn.Sequential`` of RepVGG blocks (3x3 conv-BN + 1x1 co
 identity, summed, then tanh, which keeps 3,200 blocks of random weights finite; 8 channels, 8x8
 input, randomized BN statistics), so the graph grows linearly with the block count: 8 nodes per
 block. For each depth the script reports the best of
-``--repeat`` conversions (``repfuse.convert(..., check=False)``: capture with shape propagation,
+``--repeat`` conversions (``repfuse.convert(..., verify=None)``: capture with shape propagation,
 then the default pipeline), split into capture and passes, and the time per captured graph node.
 A pipeline whose work is proportional to the graph keeps the time per node flat; the last line
 gives the ratio largest/smallest time per node over the depths (target: within 1.3x).

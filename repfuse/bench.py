@@ -59,6 +59,7 @@ from repfuse.passes import resolve
 from repfuse.passes.nonlinear import not_mergeable
 from repfuse.verify import deploy_dtype_of, eval_mode
 from repfuse.verify.compare import ErrorMetrics, json_float
+from repfuse.verify.render import bench_rows
 
 SCHEMA_VERSION = 1
 
@@ -270,32 +271,15 @@ class BenchResult:
     threads: int
     dtype: str
 
-    def rows(self) -> list[tuple[str, str, str, str]]:
-        """The table of ``repfuse bench``: (metric, original, fused, original / fused)."""
-        rows = []
-        for b in self.batches:
-            rows.append(_row(f"latency, batch {b.batch}: median ms", b.original.median_ms,
-                             b.fused.median_ms, "{:.3f}"))
-            rows.append(_row(f"latency, batch {b.batch}: min ms", b.original.min_ms,
-                             b.fused.min_ms, "{:.3f}"))
-            errors = b.max_rel_error
-            rows.append((f"max rel error, batch {b.batch}",
-                         f"{errors['original']:.2e}", f"{errors['fused']:.2e}", ""))
-        batch = self.input_shapes[0][0] if self.input_shapes[0] else 1
-        before, after = self.original, self.fused
-        for label, metric in (("params", "params"), (f"MACs, batch {batch}", "macs"),
-                              (f"bytes moved, batch {batch}", "bytes"), ("ops (all)", "ops")):
-            rows.append(_row(label, getattr(before, metric), getattr(after, metric), "{:,}"))
-        for kind in OP_KINDS:
-            old, new = before.ops_by_kind[kind], after.ops_by_kind[kind]
-            if old or new:  # kinds neither model has would only be noise
-                rows.append(_row(f"ops: {kind}", old, new, "{}"))
-        return rows
+    def rows(self) -> list[list[str]]:
+        """The table of ``repfuse bench``: (metric, original, fused, original / fused), as
+        every rendering of the report draws it (:func:`repfuse.verify.render.bench_rows`)."""
+        return bench_rows(self.to_dict())
 
     def to_dict(self) -> dict:
         info = self.conversion.capture
         return {
-            "schema_version": SCHEMA_VERSION, "model": self.model,
+            "kind": "bench", "schema_version": SCHEMA_VERSION, "model": self.model,
             "torch": torch.__version__, "threads": self.threads, "device": "cpu",
             "dtype": self.dtype, "repeat": self.repeat, "warmup": self.warmup,
             "convert_seconds": self.conversion.seconds, "input_shapes": self.input_shapes,
@@ -353,7 +337,7 @@ def benchmark(
 
     steps.start(f"converting {name}")
     first = with_batch(example, sizes[0])
-    conversion = convert(model, first, passes, check=False, name=name,
+    conversion = convert(model, first, passes=passes, verify=None, name=name,
                          allow_costlier=allow_costlier)
     if conversion.capture.specialized and len(sizes) > 1:
         raise RepfuseError(f"{name} was traced specialized to its input shapes (its forward "
@@ -386,11 +370,6 @@ def benchmark(
         threads=torch.get_num_threads(),
         dtype=str(deploy_dtype_of(model, example)).removeprefix("torch."),
     )
-
-
-def _row(label: str, original: float, fused: float, form: str) -> tuple[str, str, str, str]:
-    ratio = "-" if fused == 0 else f"{original / fused:.2f}x"
-    return label, form.format(original), form.format(fused), ratio
 
 
 def _shapes(inputs: tuple[Tensor, ...]) -> list[list[int]]:

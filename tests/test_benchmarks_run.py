@@ -59,7 +59,7 @@ def forms():
     """The forms rebuilt here, without the harness: train, repfuse, deploy, fx fuse."""
     train = create_model(NAME)
     x = example_input((BATCH, 3, 32, 32), train)
-    conversion = convert(train, x, check=False)
+    conversion = convert(train, x, verify=None)
     deploy = load_by_structure(create_model(NAME, deploy=True), conversion.fused, x).eval()
     return {"train": train, "fused": conversion.fused, "deploy": deploy,
             "fx_fuse": fx_fuse(train)}, x, conversion
@@ -94,7 +94,7 @@ def test_onnx_errors_and_node_counts_match_the_written_files(bench, forms):
         path = group["files"][form]
         assert Path(path).parent == folder
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        (output,) = session.run(None, {"input": x.numpy()})
+        (output,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         error = rel_err(expected, torch.from_numpy(output))
         assert 0 < error < 1e-5, form
         assert group["error"][form] == pytest.approx(error, rel=1e-3), form

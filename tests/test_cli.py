@@ -111,7 +111,7 @@ def test_convert_report(converted, tiny):
     result, _, report_path = converted
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     assert report["passed"] is True
     assert [run["dtype"] for run in report["runs"]] == ["float64", "float32"]
     for run in report["runs"]:
@@ -382,7 +382,7 @@ def test_verify_json_reports_the_measured_error(converted, tiny):
     result = cli("verify", TINY, out, "--trust", "--json", "--batches", 1)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["schema_version"] == 2 and report["passed"] is True
+    assert report["schema_version"] == 3 and report["passed"] is True
     assert report["inputs"]["shapes"] == [list(TINY_SHAPE)]
     max_abs, ref_max = hand_max_abs(tiny, torch.load(out, weights_only=False), EXAMPLE)
     metrics = report["runs"][1]["outputs"][0]["metrics"]

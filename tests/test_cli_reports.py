@@ -74,6 +74,10 @@ def test_unperturbed_fused_file_verifies(fused_file):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["passed"] is True and data["first_divergence"] is None
+    assert data["localization"] is None  # localized only on failure, unless asked
+    result = cli("verify", TINY, fused_file, "--trust", "--json", "--batches", 2, "--localize")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
     assert data["localization"]["method"] == "provenance"
     assert len(data["rewrites"]) == 12 and all(r["passed"] for r in data["rewrites"])
 
@@ -119,7 +123,7 @@ def test_a_hand_written_deploy_model_is_localized_by_module_path(tmp_path, tiny)
         deploy.layer3[0].conv1.weight.mul_(1.01)
     torch.save(deploy, bad)
 
-    ok = cli("verify", TINY, good, "--trust", "--json")
+    ok = cli("verify", TINY, good, "--trust", "--json", "--localize")
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["localization"]["method"] == "module_paths"
 
@@ -143,7 +147,7 @@ def test_convert_writes_an_html_report_and_prints_json(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"wrote report {report}" in result.stderr
     data = json.loads(result.stdout)
-    assert data["schema_version"] == 2 and data["passed"] is True
+    assert data["schema_version"] == 3 and data["passed"] is True
     assert data["conversion"]["counts"]["fold_batchnorm"] == 12
     page = report.read_text()
     assert 'id="verdict" class="verdict pass">EQUIVALENT<' in page
@@ -161,9 +165,10 @@ def test_convert_writes_a_markdown_report(tmp_path):
 
 def test_verify_writes_markdown(tmp_path, fused_file):
     report = tmp_path / "v.md"
-    result = cli("verify", TINY, fused_file, "--trust", "--report", report)
+    result = cli("verify", TINY, fused_file, "--trust", "--report", report, "--localize")
     assert result.exit_code == 0, result.output
-    assert "### Error per rewrite" in report.read_text()
+    text = report.read_text()
+    assert "## Localization" in text and "**error per rewrite**" in text
 
 
 @pytest.mark.parametrize("args, message", [

@@ -86,7 +86,7 @@ def test_conversion_reports_cost_per_pass_ending_at_the_measured_cost() -> None:
 
     model = create_model("vgg_avgpool_tiny")
     result = convert(model, random_input(get_spec("vgg_avgpool_tiny").input_shape),
-                     check=False)
+                     verify=None)
     rows = result.to_dict()["cost"]["by_pass"]
     assert [r["pass"] for r in rows] == list(result.passes.passes)
     assert rows[-1]["macs"] == result.cost_after.macs < result.cost_before.macs

@@ -35,7 +35,6 @@ from repfuse.cli import main
 from repfuse.errors import LoadError
 from repfuse.export import (
     DEFAULT_OPSET,
-    CheckOptions,
     ExportError,
     emit_code,
     export_onnx,
@@ -48,10 +47,11 @@ from repfuse.export import (
 )
 from repfuse.io import load_model
 from repfuse.models import create_model, get_spec, list_models
+from repfuse.verify import VerifyOptions
 
 F32_RTOL = 1e-5
 # The exporters' own check runs on one batch here; each test checks a fresh input itself.
-ONE_BATCH = CheckOptions(batches=1)
+ONE_BATCH = VerifyOptions(batches=1)
 
 # The tiny variants: every zoo model whose example input has at most 40k elements. The
 # full-size ones (224x224 inputs, RepLKNet's 64x56x56 stage) take seconds each.
@@ -141,7 +141,7 @@ def test_onnx_matches_float64_reference_without_batchnorm(tmp_path, name):
         try:
             result = export_onnx(fused, x, path, reference=model, opset=opset,
                                  dynamic_batch=dynamic_batch, count_train_nodes=False,
-                                 options=ONE_BATCH)
+                                 verify=ONE_BATCH)
             break
         except ExportError:
             # Acceptable only when torch.onnx cannot export the original model so either (a
@@ -172,7 +172,7 @@ def test_onnx_matches_float64_reference_without_batchnorm(tmp_path, name):
 @pytest.mark.parametrize("name", ["repvgg_tiny", "mobileone_tiny"])
 def test_onnx_of_repvgg_style_model_has_one_conv_per_block_which_onnxsim_cannot(tmp_path, name):
     model, fused, x = fused_zoo_model(name)
-    result = export_onnx(fused, x, tmp_path / "ours.onnx", reference=model, options=ONE_BATCH)
+    result = export_onnx(fused, x, tmp_path / "ours.onnx", reference=model, verify=ONE_BATCH)
     deploy_convs = sum(isinstance(m, nn.Conv2d) for m in create_model(name, deploy=True).modules())
     ours, train = result.onnx_nodes["repfuse"], result.onnx_nodes["train_onnxsim"]
     assert ours["Conv"] == deploy_convs
@@ -189,12 +189,12 @@ def test_onnx_check_failure_writes_nothing_unless_forced(tmp_path):
     other = create_model("repvgg_tiny", seed=1)  # same structure, other weights
     path = tmp_path / "out.onnx"
     result = export_onnx(fused, x, path, reference=other, count_train_nodes=False,
-                         options=ONE_BATCH)
+                         verify=ONE_BATCH)
     assert not result.passed and not result.written
     assert result.check.runs[-1].worst.max_rel > 1e-2
     assert list(tmp_path.iterdir()) == []
     forced = export_onnx(fused, x, path, reference=other, count_train_nodes=False, force=True,
-                         options=ONE_BATCH)
+                         verify=ONE_BATCH)
     assert forced.written and not forced.passed and path.exists()
 
 
@@ -282,7 +282,7 @@ def test_pt2_torchscript_and_emitted_code_load_and_match_in_a_fresh_process(tmp_
             assert not (tmp_path / "code" / name).exists()
             continue
         result = emit_code(fused, tmp_path / "code" / name, x, reference=model,
-                           options=ONE_BATCH)
+                           verify=ONE_BATCH)
         assert result.passed and result.written
         x = fresh_batch(name, batch=1)
         jobs[f"code-{name}"] = ("code", tmp_path / "code" / name, x)
@@ -293,9 +293,9 @@ def test_pt2_torchscript_and_emitted_code_load_and_match_in_a_fresh_process(tmp_
         path = tmp_path / f"{name}.{kind}"
         if kind == "pt2":
             result = export_pt2(fused, x, path, reference=model, dynamic_batch=True,
-                                options=ONE_BATCH)
+                                verify=ONE_BATCH)
         else:
-            result = export_torchscript(fused, x, path, reference=model, options=ONE_BATCH)
+            result = export_torchscript(fused, x, path, reference=model, verify=ONE_BATCH)
         assert result.passed and result.written
         x = fresh_batch(name, batch=3)
         jobs[f"{kind}-{name}"] = (kind, path, x)
@@ -341,7 +341,7 @@ def test_emitted_code_keeps_every_constructor_argument_and_constant(tmp_path):
     assert result.passed
     source = (tmp_path / "model.py").read_text()
     assert "ceil_mode=True" in source and "count_include_pad=False" in source
-    module = repfuse.export._import_file(tmp_path / "model.py").load()
+    module = repfuse.export.code._import_file(tmp_path / "model.py").load()
     with torch.no_grad():
         assert rel_err(reference64(model, x), module(x)) <= F32_RTOL
 
@@ -446,7 +446,7 @@ def test_convert_to_pt2_and_torchscript(tmp_path, suffix):
     modules = [loaded]
     if emit:
         assert f"wrote {code}" in result.stderr
-        modules.append(repfuse.export._import_file(code / "model.py").load())
+        modules.append(repfuse.export.code._import_file(code / "model.py").load())
     x = fresh_batch("resnet_tiny", batch=2)
     for module in modules:
         with torch.no_grad():
@@ -522,7 +522,7 @@ def test_convert_bad_export_input_exits_2_with_one_line_and_no_file(
     "args, message",
     [
         (["resnet_tiny", "-o", "out.pt", "--deploy-arch", "repvgg_tiny"],
-         "the fused weights do not fit --deploy-arch repvgg_tiny: ValueError: the deploy model "
+         "the fused weights do not fit --deploy-arch repvgg_tiny: the deploy model "
          "runs 8 conv/linear layers but the fused model runs 13"),
         (["stn_tiny", "-o", "out.onnx"], "torch.onnx.export (opset 17) failed"),
     ],

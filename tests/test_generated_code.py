@@ -25,7 +25,7 @@ from repfuse.passes.base import finish_graph
 def _fused(name: str = "mobileone_tiny"):
     model = create_model(name)
     x = random_input(get_spec(name).input_shape)
-    return model, x, convert(model, x, check=False).fused
+    return model, x, convert(model, x, verify=None).fused
 
 
 def test_module_access_spells_the_path_through_modules_dicts():

@@ -12,20 +12,22 @@ module paths as the train form minus the BatchNorm modules, with a bias on every
 layer that a BatchNorm followed. A fused state dict loads into it with
 :func:`load_fused_state_dict`. A *reparameterized* model's deploy form (RepVGG, ACNet, ...) has
 one conv where the train form has several branches, so its paths are not the train form's; a
-fused model of any module layout loads into it with :func:`load_by_structure`, which pairs the
-conv and linear layers of the two in execution order.
+fused model of any module layout loads into it with
+:func:`repfuse.export.deploy.load_by_structure`, which pairs the conv and linear layers of the
+two in execution order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
-import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from repfuse.errors import ModelStructureError, UnknownModelError
 
 Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
 
@@ -55,7 +57,7 @@ class ModelSpec:
         reparameterized: Whether the deploy form merges parallel branches (structural
             reparameterization: RepVGG, ACNet, DBB, ...) rather than only dropping BatchNorms.
             Its state dict then does not map key by key onto the train form's; map a fused
-            model onto it with :func:`load_by_structure`.
+            model onto it with :func:`repfuse.export.deploy.load_by_structure`.
     """
 
     name: str
@@ -80,13 +82,13 @@ def register_model(
     """Register the decorated factory under ``name``; the factory itself is returned unchanged.
 
     Raises:
-        ValueError: if ``name`` is already registered (two models would silently shadow each
-            other otherwise).
+        ModelStructureError: (a ``ValueError``) if ``name`` is already registered (two models
+            would silently shadow each other otherwise).
     """
 
     def decorate(factory: Factory) -> Factory:
         if name in _REGISTRY:
-            raise ValueError(
+            raise ModelStructureError(
                 f"model name {name!r} is already registered by "
                 f"{_REGISTRY[name].factory.__module__}.{_REGISTRY[name].factory.__qualname__}"
             )
@@ -112,13 +114,14 @@ def get_spec(name: str) -> ModelSpec:
     """The spec registered under ``name``.
 
     Raises:
-        KeyError: if no model has that name; the message lists the known names.
+        UnknownModelError: (a ``KeyError``) if no model has that name; the message lists the
+            known names.
     """
     try:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown model {name!r}; known models: {known}") from None
+        raise UnknownModelError(f"unknown model {name!r}; known models: {known}") from None
 
 
 def create_model(
@@ -141,12 +144,13 @@ def create_model(
         randomize_bn: Give every BatchNorm random statistics with :func:`randomize_bn_stats`.
 
     Raises:
-        KeyError: if ``name`` is not registered.
-        ValueError: if ``deploy`` is asked of a model that has no deploy form.
+        UnknownModelError: (a ``KeyError``) if ``name`` is not registered.
+        ModelStructureError: (a ``ValueError``) if ``deploy`` is asked of a model that has no
+            deploy form.
     """
     spec = get_spec(name)
     if deploy and not spec.supports_deploy:
-        raise ValueError(
+        raise ModelStructureError(
             f"model {name!r} has no hand-written deploy form; build it with deploy=False"
         )
     with torch.random.fork_rng():
@@ -204,8 +208,8 @@ def load_fused_state_dict(
     are exactly the keys of the hand-written deploy form.
 
     Raises:
-        ValueError: if the keys differ (the message lists the missing and unexpected keys) or a
-            tensor's shape does not match.
+        ModelStructureError: (a ``ValueError``) if the keys differ (the message lists the
+            missing and unexpected keys) or a tensor's shape does not match.
     """
     expected = set(deploy_model.state_dict())
     given = set(fused_state_dict)
@@ -213,217 +217,13 @@ def load_fused_state_dict(
     unexpected = sorted(given - expected)
     if missing or unexpected:
         model_name = type(deploy_model).__name__
-        raise ValueError(
+        raise ModelStructureError(
             f"fused state dict does not match the deploy form {model_name}: "
             f"missing keys {missing}, unexpected keys {unexpected}"
         )
     try:
         deploy_model.load_state_dict(fused_state_dict, strict=True)
     except RuntimeError as error:  # shapes differ; load_state_dict names the tensors
-        raise ValueError(f"fused state dict does not fit the deploy form: {error}") from error
-    return deploy_model
-
-
-# The layers load_by_structure pairs up: those whose weights a fusion rewrites.
-_STRUCTURAL_LAYERS = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Linear,
-)
-_CONV_HYPERPARAMETERS = ("stride", "padding", "dilation", "groups", "output_padding")
-
-
-def _structural_layers(
-    model: nn.Module,
-) -> tuple[torch.fx.GraphModule, list[tuple[str, nn.Module]]]:
-    """``model``'s fx graph and its ``(path, layer)`` calls of :data:`_STRUCTURAL_LAYERS`, in
-    graph order, which is execution order. A GraphModule is read as it is; any other module is
-    traced with ``torch.fx.symbolic_trace`` in eval mode (its mode is restored afterwards)."""
-    if isinstance(model, torch.fx.GraphModule):
-        graph_module = model
-    else:
-        was_training = model.training
-        model.eval()
-        try:
-            graph_module = torch.fx.symbolic_trace(model)
-        finally:
-            model.train(was_training)
-    layers = []
-    for node in graph_module.graph.nodes:
-        if node.op != "call_module":
-            continue
-        # A call_module target is a path in the traced root, so it names the layer in ``model``.
-        layer = model.get_submodule(node.target)
-        if isinstance(layer, _STRUCTURAL_LAYERS):
-            layers.append((node.target, layer))
-    return graph_module, layers
-
-
-def _layer_signature(layer: nn.Module) -> dict[str, Any]:
-    """What two layers must share for one's weights to replace the other's."""
-    signature: dict[str, Any] = {"type": type(layer).__name__}
-    signature["weight"] = tuple(layer.weight.shape)
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        for name in _CONV_HYPERPARAMETERS:
-            signature[name] = getattr(layer, name)
-        signature["padding_mode"] = layer.padding_mode
-    return signature
-
-
-def _describe_layer(path: str, signature: Mapping[str, Any]) -> str:
-    details = ", ".join(f"{key} {value}" for key, value in signature.items() if key != "type")
-    return f"{path!r} {signature['type']}({details})"
-
-
-class _OutputShapeRecorder(torch.fx.Interpreter):
-    """Runs a GraphModule and records the output shape of each call of the given layer paths."""
-
-    def __init__(self, graph_module: torch.fx.GraphModule, paths: set[str]) -> None:
-        super().__init__(graph_module)
-        self.paths = paths
-        self.shapes: list[tuple[int, ...]] = []
-
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        output = super().call_module(target, args, kwargs)
-        if target in self.paths:
-            self.shapes.append(tuple(output.shape))
-        return output
-
-
-def _layer_output_shapes(
-    model: nn.Module,
-    graph_module: torch.fx.GraphModule,
-    layers: list[tuple[str, nn.Module]],
-    example_inputs: Sequence[Tensor],
-) -> list[tuple[int, ...]]:
-    """The output shape of every layer call, in execution order, on ``example_inputs`` cast to
-    the dtype and device of ``model``'s first floating-point tensor."""
-    reference = next(
-        (t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None
-    )
-    inputs = [
-        t.to(reference) if reference is not None and t.is_floating_point() else t
-        for t in example_inputs
-    ]
-    recorder = _OutputShapeRecorder(graph_module, {path for path, _ in layers})
-    was_training = graph_module.training
-    graph_module.eval()
-    try:
-        with torch.no_grad():
-            recorder.run(*inputs)
-    finally:
-        graph_module.train(was_training)
-    return recorder.shapes
-
-
-def load_by_structure(
-    deploy_model: nn.Module,
-    fused: nn.Module,
-    example_inputs: Tensor | Sequence[Tensor],
-) -> nn.Module:
-    """Copy the conv and linear weights of ``fused`` into ``deploy_model``, pairing the layers
-    by execution order rather than by name, and return ``deploy_model``.
-
-    ``fused`` is typically the ``torch.fx.GraphModule`` that repfuse makes of a train-form
-    model: its layers sit at paths of its own choosing. Both models' fx graphs are read (a
-    GraphModule's own graph; anything else traced with ``torch.fx.symbolic_trace`` in eval
-    mode), and the ``call_module`` nodes of ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``
-    and ``nn.Linear`` are listed in graph order and zipped. Each pair must have the same type,
-    weight shape and conv hyperparameters (stride, padding, dilation, groups, output padding,
-    padding mode), and the same output shape when both models run on ``example_inputs`` (cast
-    to each model's dtype and device). Then each pair's weight is copied, and its bias: a
-    missing bias counts as zero, so a deploy layer without bias accepts only a zero bias.
-
-    Parameters and buffers of ``deploy_model`` outside those layers (there are typically none)
-    are copied from the tensor of the same name in ``fused`` if it has one, and left as they
-    are otherwise.
-
-    Nothing is copied unless every check passes.
-
-    Raises:
-        ValueError: if the layer counts differ, or for the first pair that does not match
-            (its index and both layers' paths and shapes), or if a same-named tensor outside
-            the layers has another shape.
-    """
-    if isinstance(example_inputs, Tensor):
-        example_inputs = (example_inputs,)
-    deploy_graph, deploy_layers = _structural_layers(deploy_model)
-    fused_graph, fused_layers = _structural_layers(fused)
-    if len(deploy_layers) != len(fused_layers):
-        raise ValueError(
-            f"the deploy model runs {len(deploy_layers)} conv/linear layers but the fused model "
-            f"runs {len(fused_layers)}; they do not have the same structure"
-        )
-
-    for index, ((deploy_path, deploy_layer), (fused_path, fused_layer)) in enumerate(
-        zip(deploy_layers, fused_layers, strict=True)
-    ):
-        deploy_signature = _layer_signature(deploy_layer)
-        fused_signature = _layer_signature(fused_layer)
-        if deploy_signature != fused_signature:
-            raise ValueError(
-                f"layer {index} in execution order differs: deploy "
-                f"{_describe_layer(deploy_path, deploy_signature)} but fused "
-                f"{_describe_layer(fused_path, fused_signature)}"
-            )
-        fused_bias = fused_layer.bias
-        if deploy_layer.bias is None and fused_bias is not None and fused_bias.count_nonzero():
-            raise ValueError(
-                f"layer {index} in execution order differs: deploy {deploy_path!r} has no bias "
-                f"but fused {fused_path!r} has a nonzero one"
-            )
-
-    deploy_shapes = _layer_output_shapes(deploy_model, deploy_graph, deploy_layers, example_inputs)
-    fused_shapes = _layer_output_shapes(fused, fused_graph, fused_layers, example_inputs)
-    for index, (deploy_shape, fused_shape) in enumerate(
-        zip(deploy_shapes, fused_shapes, strict=True)
-    ):
-        if deploy_shape != fused_shape:
-            raise ValueError(
-                f"layer {index} in execution order differs: deploy {deploy_layers[index][0]!r} "
-                f"outputs shape {deploy_shape} but fused {fused_layers[index][0]!r} outputs "
-                f"{fused_shape} on the example inputs"
-            )
-
-    # A layer called twice (shared weights) must be paired with the same weights both times.
-    paired: dict[int, tuple[str, nn.Module]] = {}
-    for index, ((deploy_path, deploy_layer), (fused_path, fused_layer)) in enumerate(
-        zip(deploy_layers, fused_layers, strict=True)
-    ):
-        earlier_path, earlier = paired.setdefault(id(deploy_layer), (fused_path, fused_layer))
-        if earlier is not fused_layer and not torch.equal(earlier.weight, fused_layer.weight):
-            raise ValueError(
-                f"layer {index} in execution order differs: deploy {deploy_path!r} is called "
-                f"again but is paired with fused {fused_path!r} this time and with "
-                f"{earlier_path!r} before, whose weights differ"
-            )
-
-    deploy_paths = {path for path, _ in deploy_layers}
-    fused_tensors = dict(fused.named_parameters()) | dict(fused.named_buffers())
-    other_tensors = {}
-    for name, tensor in (*deploy_model.named_parameters(), *deploy_model.named_buffers()):
-        if name.rpartition(".")[0] in deploy_paths or name not in fused_tensors:
-            continue  # a paired layer's own tensor, or nothing of that name to copy
-        if fused_tensors[name].shape != tensor.shape:
-            raise ValueError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)} in the deploy model but "
-                f"{tuple(fused_tensors[name].shape)} in the fused model"
-            )
-        other_tensors[name] = (tensor, fused_tensors[name])
-
-    with torch.no_grad():
-        for (_, deploy_layer), (_, fused_layer) in zip(deploy_layers, fused_layers, strict=True):
-            deploy_layer.weight.copy_(fused_layer.weight)
-            if deploy_layer.bias is None:
-                continue
-            if fused_layer.bias is None:
-                deploy_layer.bias.zero_()
-            else:
-                deploy_layer.bias.copy_(fused_layer.bias)
-        for tensor, source in other_tensors.values():
-            tensor.copy_(source)
+        raise ModelStructureError(f"fused state dict does not fit the deploy form: {error}"
+                                  ) from error
     return deploy_model

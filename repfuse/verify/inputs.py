@@ -36,10 +36,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import Progress
 from torch import Tensor
 
 from repfuse.errors import LoadError, VerificationError
+from repfuse.io import import_factory
 
 Batch = tuple[Tensor, ...]
 DISTRIBUTIONS = ("normal", "uniform")
@@ -111,7 +115,9 @@ def load_batches(
     """The batches in a ``.pt``/``.npy``/``.npz`` file or from a ``package.module:fn`` factory.
 
     ``example`` gives the number of model inputs and their ranks (see the module docstring for
-    the conventions). Raises :class:`LoadError` for a source that cannot be read or does not fit.
+    the conventions); an entry ``None`` is an input of unknown rank, and a tuple of tensors is
+    then read as one batch. Raises :class:`LoadError` for a source that cannot be read or does
+    not fit.
     """
     if max_batches is not None and max_batches < 1:
         raise LoadError("--max-batches must be at least 1")
@@ -157,17 +163,12 @@ def _progress_bar(show: bool, total: int | None, name: str) -> Iterator[Callable
     if not show:
         yield lambda: None
         return
-    from rich.console import Console
-    from rich.progress import Progress
-
     with Progress(console=Console(stderr=True)) as bar:
         task = bar.add_task(f"reading {name}", total=total)
         yield lambda: bar.advance(task)
 
 
 def _call_factory(spec: str) -> Iterable[Any]:
-    from repfuse.io import import_factory
-
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise LoadError(f"--inputs must be a file or package.module:fn, got '{spec}'")
@@ -190,16 +191,12 @@ def _read_file(path: Path, example: Batch) -> list[Any]:
             raise LoadError(f"cannot read '{path}' as tensors (weights_only): {exc}") from exc
         return _batches_in(data, example, path)
     if suffix == ".npy":
-        import numpy as np
-
         try:
             array = np.load(path, allow_pickle=False)
         except Exception as exc:
             raise LoadError(f"cannot read '{path}' as a numpy array: {exc}") from exc
         return _batches_in(torch.from_numpy(array), example, path)
     if suffix == ".npz":
-        import numpy as np
-
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = tuple(torch.from_numpy(archive[key]) for key in archive.files)
@@ -224,6 +221,8 @@ def _batches_in(data: Any, example: Batch, path: Path) -> list[Any]:
         if len(data) != len(example):
             raise LoadError(f"'{path}' holds {len(data)} tensors; the model takes "
                             f"{len(example)} inputs")
+        if any(e is None for e in example):
+            return [data]
         stacked = [t.dim() == e.dim() + 1 for t, e in zip(data, example, strict=True)]
         single = [t.dim() == e.dim() for t, e in zip(data, example, strict=True)]
         if all(single):
@@ -256,7 +255,7 @@ def _as_batch(item: Any, example: Batch, index: int) -> Batch:
         raise LoadError(f"batch {index} does not start with {count} tensor(s) "
                         f"(the model's inputs)")
     for position, (tensor, like) in enumerate(zip(tensors, example, strict=True)):
-        if tensor.dim() != like.dim():
+        if like is not None and tensor.dim() != like.dim():
             raise LoadError(f"batch {index}, input {position}: shape {list(tensor.shape)} has "
                             f"rank {tensor.dim()}; the model's input has rank {like.dim()}")
     return tuple(t.detach().cpu() for t in tensors)

@@ -1,10 +1,10 @@
 """The equivalence report: one object, rendered as JSON (versioned), a terminal table,
 Markdown or HTML (:mod:`repfuse.verify.render`).
 
-JSON schema (``schema_version`` 2)::
+JSON schema (``schema_version`` 3)::
 
     {
-      "schema_version": 2,
+      "schema_version": 3,
       "passed": bool,
       "reference": str, "candidate": str,
       "deploy_dtype": "float32",
@@ -20,6 +20,7 @@ JSON schema (``schema_version`` 2)::
                                   "ref_max_abs", "p50_abs", "p90_abs", "p99_abs"},
                       "baseline": {...same keys...} | null}]}
       ],
+      "diagnosis": null | str,
       "first_divergence": null | {"kind": "rewrite" | "node" | "module" | "output",
                                   "pass": str | null, "node": str, "reference_node": str,
                                   "module_paths": [str], "max_abs": float, "max_rel": float},
@@ -39,7 +40,12 @@ the unfused reference in that dtype against the same float64 reference, so a rea
 the dtype's own rounding from error the rewrite added. Non-finite numbers are the strings
 ``"inf"``, ``"-inf"``, ``"nan"``.
 
-Localization (:mod:`repfuse.verify.localize`) runs in float64 with the report's tolerance.
+``diagnosis`` explains a failure that no rewrite caused: the tolerance is below the deployment
+dtype's own noise (the unfused model in that dtype is as far from its float64 run as the
+candidate is), or below the dtype's resolution. Localization is then not run.
+
+Localization (:mod:`repfuse.verify.localize`) runs in float64 with the report's tolerance, by
+default only when the outputs fail (``localization`` is null otherwise).
 ``rewrites`` lists, in the fused graph's topological order, each rewrite whose output is a node
 of the fused graph, its error against the reference node it stands for (``includes``: earlier
 rewrites folded into it); ``modules`` lists module outputs compared by path, for models
@@ -53,18 +59,27 @@ matching one as ``module_paths``), or, when nothing inside diverges, the first f
 ("output"). With module paths, a divergence is reported only when the outputs differ.
 
 Version history: 1 had no ``first_divergence``, ``localization``, ``rewrites``, ``modules``,
-``inputs.distribution`` or percentiles.
+``inputs.distribution`` or percentiles; 2 had no ``diagnosis`` and localized every time.
+Reports written by the CLI or :func:`repfuse.convert` also carry a ``provenance`` section
+(versions, command line, time, file hashes; see :mod:`repfuse.verify.render`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from repfuse.verify.compare import ErrorMetrics, Tolerance, json_float, min_rtol_to_pass
 from repfuse.verify.localize import MODULE_PATHS, Localization
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# The resolution of each deployment dtype (machine epsilon), for the diagnosis.
+_EPS = {"float64": 2.220446049250313e-16, "float32": 1.1920928955078125e-07,
+        "float16": 9.765625e-04, "bfloat16": 7.8125e-03}
+# A failing output whose error is within this factor of the dtype's own noise is noise.
+_NOISE_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,37 @@ class EquivalenceReport:
                             "max_rel": json_float(output.metrics.max_rel), "run": run.dtype}
         return None
 
+    @property
+    def diagnosis(self) -> str | None:
+        """Why the outputs fail when no rewrite is to blame, or None.
+
+        The tolerance is below the deployment dtype's own noise when the unfused reference run
+        in that dtype is as far from its float64 run as the candidate is (within a factor
+        of 4), or when it is below the dtype's machine epsilon. A rewrite that is wrong shows
+        errors far above that noise.
+        """
+        if self.passed:
+            return None
+        failing = [o for run in self.runs for o in run.outputs if not o.passed]
+        worst = max(o.metrics.max_rel for o in failing)
+        need = max(run.min_rtol_to_pass for run in self.runs)
+        dtype = self.deploy_dtype
+        noise = max((o.baseline.max_rel for run in self.runs for o in run.outputs
+                     if o.baseline is not None), default=0.0)
+        rtol = self.runs[0].tolerance.rtol
+        suggestion = f"pass an rtol of at least {need:.1e}" if math.isfinite(need) else ""
+        if noise > 0 and worst <= _NOISE_FACTOR * noise:
+            return (f"the tolerance (rtol {rtol:g}) is below {dtype}'s own noise for this "
+                    f"model: the unfused model in {dtype} is off by max rel {noise:.3e} from "
+                    f"its float64 run, about as much as the candidate ({worst:.3e}); no rewrite "
+                    f"is to blame; {suggestion}")
+        eps = _EPS.get(dtype)
+        if eps is not None and rtol < eps and worst <= 64 * eps:
+            return (f"the tolerance (rtol {rtol:g}) is below {dtype}'s resolution (machine "
+                    f"epsilon {eps:.3g}); the candidate's max rel {worst:.3e} is rounding; no "
+                    f"rewrite is to blame; {suggestion}")
+        return None
+
     def run(self, dtype: str) -> RunComparison:
         for run in self.runs:
             if run.dtype == dtype:
@@ -166,6 +212,7 @@ class EquivalenceReport:
             "reference": self.reference, "candidate": self.candidate,
             "deploy_dtype": self.deploy_dtype, "inputs": self.inputs,
             "runs": [run.to_dict() for run in self.runs],
+            "diagnosis": self.diagnosis,
             "first_divergence": self.first_divergence,
             "localization": None if loc is None else loc.to_dict(),
             "rewrites": [] if loc is None else [c.to_dict() for c in loc.rewrites],
@@ -187,6 +234,8 @@ class EquivalenceReport:
                 f"{worst.max_abs:.3e}  SQNR {worst.sqnr_db:.1f} dB  (rtol {run.tolerance.rtol:g}, "
                 f"atol {run.tolerance.atol:g}; passes with rtol >= {run.min_rtol_to_pass:.3e})"
             )
+        if self.diagnosis is not None:
+            lines.append(f"  note: {self.diagnosis}")
         lines.extend(divergence_lines(self.to_dict()))
         return lines
 
@@ -200,7 +249,9 @@ def divergence_lines(data: dict) -> list[str]:
         where = {"rewrite": f"rewrite {first['pass']} at node '{first['node']}'",
                  "node": f"node '{first['node']}' (not rewritten)",
                  "module": f"module '{first['node']}'",
-                 "output": f"{first['node']} (nothing compared inside diverges)"}[first["kind"]]
+                 "output": f"{first['node']} " + (
+                     "(nothing compared inside diverges)" if located is not None else
+                     "(not localized)")}[first["kind"]]
         paths = ", ".join(first["module_paths"])
         label = "suspects" if first["kind"] == "module" else "original modules"
         lines.append(f"  first divergence: {where}"

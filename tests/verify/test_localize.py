@@ -24,6 +24,12 @@ from repfuse.verify.compare import DEFAULT_TOLERANCES
 TINY_SHAPE = (1, 3, 32, 32)
 
 
+def localized(*args, **kwargs):
+    """:func:`repfuse.verify` localizing also when the outputs match (what these tests
+    examine; by default it localizes only on failure)."""
+    return repfuse.verify(*args, localize_divergence=True, **kwargs)
+
+
 def activation64(model: nn.Module, path: str, x: Tensor, call: int = 0) -> Tensor:
     """The output of ``model``'s submodule ``path`` (its ``call``-th call) when a float64 copy
     of ``model`` runs on ``x``."""
@@ -70,7 +76,7 @@ def perturbed_copy(fused: nn.Module, path: str, relative: float = 0.01) -> nn.Mo
 
 def test_every_fold_is_checked_at_its_boundary_against_the_batchnorm(tiny):
     model, x, fused = tiny
-    report = repfuse.verify(model, fused, x, batches=1)
+    report = localized(model, fused, x, batches=1)
     data = report.to_dict()
 
     assert report.passed
@@ -99,7 +105,7 @@ def test_every_fold_is_checked_at_its_boundary_against_the_batchnorm(tiny):
 def test_a_perturbed_fused_conv_is_named_with_its_original_modules(tiny, conv, bn):
     model, x, fused = tiny
     wrong = perturbed_copy(fused, conv)
-    report = repfuse.verify(model, wrong, x, batches=1)
+    report = localized(model, wrong, x, batches=1)
 
     assert not report.passed
     first = report.first_divergence
@@ -126,8 +132,8 @@ def test_a_model_loaded_back_from_a_file_is_localized_from_its_saved_history(tin
     names = {n.name for n in loaded.graph.nodes}
     assert history(loaded).rewrites[0].node not in names
 
-    live = repfuse.verify(model, wrong, x, batches=2).to_dict()
-    again = repfuse.verify(model, loaded, x, batches=2).to_dict()
+    live = localized(model, wrong, x, batches=2).to_dict()
+    again = localized(model, loaded, x, batches=2).to_dict()
 
     assert again["first_divergence"]["module_paths"] == ["layer2.0.conv2", "layer2.0.bn2"]
     assert again["first_divergence"] == live["first_divergence"]
@@ -148,7 +154,7 @@ def test_a_divergence_outside_any_rewrite_is_named_as_a_shared_node(tiny):
     with torch.no_grad():
         wrong.fc.bias.add_(0.1)  # fc has no BatchNorm: no rewrite touched it
     shift = (wrong.fc.bias.double() - fused.fc.bias.double()).abs().max().item()
-    report = repfuse.verify(model, wrong, x, batches=1)
+    report = localized(model, wrong, x, batches=1)
     first = report.first_divergence
     assert first["kind"] == "node" and first["pass"] is None
     assert first["node"] == "fc" and first["module_paths"] == ["fc"]
@@ -165,7 +171,7 @@ def test_a_branch_merge_names_every_branch_and_the_folds_inside_it():
     target = merges[2]
     wrong = perturbed_copy(fused, target.module)
 
-    report = repfuse.verify(model, wrong, x, batches=1)
+    report = localized(model, wrong, x, batches=1)
     data = report.to_dict()
     assert [r["node"] for r in data["rewrites"]] == [m.node for m in merges]
     first = data["first_divergence"]
@@ -213,7 +219,7 @@ def test_a_float16_model_is_checked_with_float16_tolerances_in_both_runs(tiny):
     model16 = copy.deepcopy(model).to(dtype)
     x16 = x.to(dtype)
     fused = repfuse.fuse(model16, x16)
-    report = repfuse.verify(model16, fused, x16, batches=1)
+    report = localized(model16, fused, x16, batches=1)
 
     tolerance = DEFAULT_TOLERANCES[torch.float16]
     assert report.passed, report.summary_lines()
@@ -232,7 +238,7 @@ def test_a_float16_model_is_checked_with_float16_tolerances_in_both_runs(tiny):
     assert len(data["rewrites"]) == 12 and all(r["passed"] for r in data["rewrites"])
 
     wrong = perturbed_copy(fused, "layer3.0.conv1", relative=0.1)
-    bad = repfuse.verify(model16, wrong, x16, batches=1)
+    bad = localized(model16, wrong, x16, batches=1)
     assert not bad.passed
     assert bad.first_divergence["module_paths"] == ["layer3.0.conv1", "layer3.0.bn1"]
 
@@ -252,7 +258,7 @@ def train_and_deploy() -> tuple[nn.Module, nn.Module, Tensor]:
 
 def test_an_equivalent_deploy_model_passes_although_some_modules_differ(train_and_deploy):
     model, deploy, x = train_and_deploy
-    report = repfuse.verify(model, deploy, x, batches=1)
+    report = localized(model, deploy, x, batches=1)
     data = report.to_dict()
     assert report.passed and report.first_divergence is None
     assert data["localization"]["method"] == "module_paths"
@@ -274,7 +280,7 @@ def test_a_perturbed_deploy_conv_is_found_between_matching_modules(train_and_dep
     wrong = copy.deepcopy(deploy)
     with torch.no_grad():
         wrong.layer2[0].conv1.weight.mul_(1.01)
-    report = repfuse.verify(model, wrong, x, batches=1)
+    report = localized(model, wrong, x, batches=1)
     assert not report.passed
     first = report.first_divergence
     # the first module of the same structure that differs: the ReLU right after the conv
@@ -292,7 +298,7 @@ def test_two_models_of_one_structure_are_localized_to_the_changed_layer(train_an
     with torch.no_grad():
         wrong.layer3[0].conv2.bias.add_(0.05)
     shift = (wrong.layer3[0].conv2.bias.double() - deploy.layer3[0].conv2.bias.double())
-    report = repfuse.verify(deploy, wrong, x, batches=1)
+    report = localized(deploy, wrong, x, batches=1)
     first = report.first_divergence
     assert first["node"] == "layer3.0.conv2" and first["module_paths"] == ["layer3.0.conv2"]
     assert first["max_abs"] == pytest.approx(shift.abs().max().item(), rel=1e-12)
@@ -326,10 +332,10 @@ def test_without_an_fx_graph_the_suspects_are_the_modules_run_since_the_last_mat
             out.weight.copy_(conv.weight * scale[:, None, None, None])
             out.bias.copy_(bn.bias - bn.running_mean * scale)
     x = random_input((2, 3, 8, 8), seed=2)
-    assert repfuse.verify(model, deploy, x).passed
+    assert localized(model, deploy, x).passed
     with torch.no_grad():
         deploy.conv2.weight.mul_(1.01)
-    report = repfuse.verify(model, deploy, x, batches=1)
+    report = localized(model, deploy, x, batches=1)
     first = report.first_divergence
     # act1 matches; conv2 (bias or not) and bn2 (BatchNorm vs Identity) differ in structure;
     # act2 is the first same-structure module to differ, and they are the suspects.
@@ -359,7 +365,7 @@ def test_a_rewrite_error_masked_downstream_is_still_named():
     fused = repfuse.fuse(model, x)
     with torch.no_grad():
         fused.conv.bias[0] += 1.0  # channel 0 stays far below zero: the output is unchanged
-    report = repfuse.verify(model, fused, x, batches=1)
+    report = localized(model, fused, x, batches=1)
     assert report.passed  # the outputs match ...
     first = report.first_divergence  # ... but the fold's boundary does not
     assert first["pass"] == "fold_batchnorm" and first["module_paths"] == ["conv", "bn"]
@@ -385,7 +391,7 @@ def test_in_place_activations_do_not_corrupt_the_compared_values():
     model = randomize_bn_stats(InPlace(), seed=3).eval()
     x = random_input((2, 3, 8, 8), seed=4)
     fused = repfuse.fuse(model, x)
-    report = repfuse.verify(model, fused, x, batches=1)
+    report = localized(model, fused, x, batches=1)
     assert report.passed and report.first_divergence is None
     (row,) = report.to_dict()["rewrites"]
     # The BN's output before the in-place ReLU rectified it: negative values included.
@@ -424,11 +430,11 @@ def test_a_partially_captured_model_is_localized_in_its_fused_parts():
 
     model = randomize_bn_stats(BranchyNet(), seed=0).eval()
     x = random_input((2, 3, 8, 8), seed=6)
-    fused = convert(model, x, check=False).fused
+    fused = convert(model, x, verify=None).fused
     assert not isinstance(fused, torch.fx.GraphModule)  # eager, with fused parts
     with torch.no_grad():
         fused.block2.conv.weight.mul_(1.01)
-    report = repfuse.verify(model, fused, x, batches=1)
+    report = localized(model, fused, x, batches=1)
     data = report.to_dict()
     assert data["localization"]["method"] == "provenance"
     assert [r["module_paths"] for r in data["rewrites"]] == [["block1.conv", "block1.bn"],

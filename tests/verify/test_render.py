@@ -50,7 +50,8 @@ def failing():
     with torch.no_grad():
         wrong.get_submodule("layer2.0.conv1").weight.mul_(1.01)
     result.report = repfuse.verify(model, wrong, x, batches=1, reference_name="resnet_tiny",
-                                   candidate_name="resnet_tiny (fused, perturbed)")
+                                   candidate_name="resnet_tiny (fused, perturbed)",
+                                   localize_divergence=True)
     return result
 
 
@@ -93,7 +94,8 @@ class TagChecker(HTMLParser):
 def test_json_is_the_report_dict(failing):
     data = json.loads(render_json(failing))
     assert data == json.loads(json.dumps(failing.report_dict()))
-    assert data["schema_version"] == 2 and data["passed"] is False
+    assert data["schema_version"] == 3 and data["passed"] is False
+    assert data["kind"] == "convert" and data["diagnosis"] is None
     assert data["first_divergence"]["module_paths"] == ["layer2.0.conv1", "layer2.0.bn1"]
 
 
@@ -135,10 +137,15 @@ def test_html_is_self_contained_and_well_formed(failing):
 
 
 def bars(svg: str) -> list[tuple[float, float, str, str]]:
-    """(y, height, fill, title) of each bar of a chart."""
-    found = re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="[\d.]+" height="([\d.]+)" '
+    """(y, width, fill, title) of each bar of a chart (bars are horizontal, one per row)."""
+    found = re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="([\d.]+)" height="[\d.]+" '
                        r'fill="(#[0-9a-f]+)"><title>([^<]*)</title>', svg)
-    return [(float(y), float(h), fill, title) for y, h, fill, title in found]
+    return [(float(y), float(w), fill, title) for y, w, fill, title in found]
+
+
+def labels(svg: str) -> list[str]:
+    """The row labels of a chart (the text anchored at the end, left of the bars)."""
+    return re.findall(r'<text x="[\d.]+" y="[\d.]+" text-anchor="end">([^<]*)</text>', svg)
 
 
 def test_html_chart_draws_one_bar_per_rewrite_ordered_by_error(failing):
@@ -150,10 +157,14 @@ def test_html_chart_draws_one_bar_per_rewrite_ordered_by_error(failing):
     for (_, _, fill, title), row in zip(drawn, rows, strict=True):
         assert row["node"] in title
         assert fill == ("#2e9a52" if row["passed"] else "#c0392b")
-    for (_, h1, _, _), r1 in zip(drawn, rows, strict=True):
-        for (_, h2, _, _), r2 in zip(drawn, rows, strict=True):
+    for (_, w1, _, _), r1 in zip(drawn, rows, strict=True):
+        for (_, w2, _, _), r2 in zip(drawn, rows, strict=True):
             if r1["max_rel"] > r2["max_rel"]:
-                assert h1 >= h2  # log scale: a larger error is a taller bar
+                assert w1 >= w2  # log scale: a larger error is a longer bar
+    assert [y for y, *_ in drawn] == sorted(y for y, *_ in drawn)  # in report order
+    # labelled by the original modules, not by fx node names, and not rotated
+    assert labels(svg)[0] == "conv1, bn1" and "layer2.0: conv1, bn1" in labels(svg)
+    assert "rotate" not in svg
     assert "tolerance rtol 1e-05" in svg and 'stroke-dasharray="6 4"' in svg
 
 
@@ -163,10 +174,13 @@ def test_chart_of_exact_and_infinite_errors():
             {"node": "c", "max_rel": "inf", "passed": False}]
     svg = error_chart_svg(rows, rtol=1e-5)
     assert svg.count("<circle") == 1 and "a: max rel 0 (exact)" in svg
-    (_, _, _, tb), (yc, _, fill, tc) = bars(svg)
+    (_, wb, _, tb), (_, wc, fill, tc) = bars(svg)
     assert "b: max rel 1e-08" in tb
     assert "c: max rel inf" in tc and fill == "#c0392b"
-    assert yc == pytest.approx(16.0)  # an infinite error reaches the top of the plot
+    width = float(re.search(r'<rect x="([\d.]+)" y="[\d.]+" width="([\d.]+)" height="[\d.]+" '
+                            r'fill="#fafafa"', svg).group(2))
+    assert wc == pytest.approx(width, abs=0.1)  # an infinite error reaches the right end
+    assert wc > wb
 
 
 def test_module_path_reports_chart_the_modules():
@@ -174,31 +188,38 @@ def test_module_path_reports_chart_the_modules():
     x = random_input(TINY_SHAPE, seed=1)
     deploy = load_by_structure(create_model("resnet_tiny", deploy=True),
                                repfuse.fuse(model, x), x)
-    data = repfuse.verify(model, deploy, x, batches=1).to_dict()
+    data = repfuse.verify(model, deploy, x, batches=1, localize_divergence=True).to_dict()
     page = render_html(data)
     assert len(bars(page)) == len(data["modules"]) > 10
-    assert "Error per module" in page and "Conversion" not in page
+    assert "layer1.0.relu" in labels(page)
+    assert "error per module" in page and "Passes" not in page
     assert "| layer1.0.relu | 0 | yes |" in render_markdown(data)
 
 
 def test_sections_the_renderers_do_not_know_are_shown_generically(failing):
     data = failing.report_dict()
-    data["export"] = [{"format": "onnx", "path": "m.onnx", "max_abs": 3.5e-7, "passed": True}]
+    data["quantization"] = [{"layer": "conv1", "sqnr_db": 35.5, "max_abs": 3.5e-7,
+                             "ok": True}]
+    data["conversion"]["pruned"] = {"channels": 3}
     page, text = render_html(data), render_markdown(data)
-    assert "<h2>export</h2>" in page and "m.onnx" in page and "3.5e-07" in page
-    assert "## export" in text and "| onnx | m.onnx | 3.5e-07 | yes |" in text
-    for key in data["conversion"]:
-        assert key in page  # every conversion key shows somewhere
+    assert '<h2 id="quantization">quantization</h2>' in page and "3.5e-07" in page
+    assert "## quantization" in text and "| conv1 | 35.5 | 3.5e-07 | yes |" in text
+    assert "## conversion: pruned" in text and "| channels | 3 |" in text
 
 
 def test_terminal_tables(failing):
     buffer = io.StringIO()
-    render_terminal(failing, Console(file=buffer, width=160, highlight=False))
+    render_terminal(failing.report, Console(file=buffer, width=160, highlight=False))
     out = buffer.getvalue()
     first = failing.report_dict()["first_divergence"]
     assert "NOT EQUIVALENT" in out and "FAIL" in out
     assert first["node"] in out and "layer2.0.conv1, layer2.0.bn1" in out
     assert "passes with rtol ≥" in out
+    buffer = io.StringIO()  # the summary of `repfuse convert`: passes, cost, verdict
+    render_terminal(failing, Console(file=buffer, width=160, highlight=False))
+    out = buffer.getvalue()
+    assert "fold_batchnorm" in out and "BatchNorm2d" in out and "NOT EQUIVALENT" in out
+    assert "first divergence: rewrite fold_batchnorm" in out
 
 
 def test_write_report_by_extension(tmp_path, failing):

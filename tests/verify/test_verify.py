@@ -226,8 +226,9 @@ def test_report_is_json_with_schema_version():
     report = repfuse.verify(model, repfuse.fuse(model, x), x)
     data = json.loads(report.to_json())
     assert data == json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert data["schema_version"] == SCHEMA_VERSION == 2
-    assert data["passed"] is True
+    assert data["schema_version"] == SCHEMA_VERSION == 3
+    assert data["passed"] is True and data["diagnosis"] is None
+    assert data["localization"] is None  # localized only on failure
     assert [r["dtype"] for r in data["runs"]] == ["float64", "float32"]
     deploy = data["runs"][1]["outputs"][0]
     assert deploy["metrics"]["max_abs"] == report.deploy.outputs[0].metrics.max_abs

@@ -1,0 +1,78 @@
+"""``.pt2``: a ``torch.export`` program, checked as ``torch.export.load`` gives it back.
+
+A dynamic axis is a ``torch.export.Dim``: axis 0 is ``batch``, shared by every input; any other
+axis gets its own dimension per input. The program is traced at twice the example's size on
+each dynamic axis, since torch.export specializes a size of 1 to the constant 1. A model
+specialized to its example's shapes keeps its shape guards (torch.export evaluates them on the
+symbolic sizes); a dynamic axis they pin is refused first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from repfuse.capture import ExampleInputs
+from repfuse.errors import ExportError
+from repfuse.export.base import (
+    ExportResult,
+    check_dynamic,
+    checked_export,
+    dynamic_axes_of,
+    example_inputs_of,
+    first_line,
+    input_axes,
+    native_output_silenced,
+    prepared,
+    resized_inputs,
+)
+from repfuse.io import load_model
+from repfuse.verify import DEFAULT_VERIFY, VerifyOptions
+
+
+def export_pt2(
+    fused: nn.Module,
+    example_inputs: ExampleInputs | None = None,
+    path: str | Path = "model.pt2",
+    *,
+    reference: nn.Module | None = None,
+    dynamic_batch: bool = False,
+    dynamic_axes: Sequence[int] | None = None,
+    verify: VerifyOptions = DEFAULT_VERIFY,
+    reference_name: str = "reference",
+    force: bool = False,
+) -> ExportResult:
+    """Export ``fused`` with ``torch.export``, save it, check it loaded with
+    ``torch.export.load``, write it. Every input is passed to the program (one per forward
+    parameter); dynamic axes as the module docstring says."""
+    path = Path(path)
+    example = example_inputs_of(fused, example_inputs)
+    axes = dynamic_axes_of(dynamic_batch, dynamic_axes)
+    fused, checked_against = prepared(fused, reference)
+    check_dynamic(fused, example, axes)
+    inputs, dynamic_shapes = example, None
+    if axes:
+        inputs = resized_inputs(example, axes, verify.seed)
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = tuple(
+            {a: batch if a == 0 else torch.export.Dim(f"input{i}_axis{a}", min=2) for a in own}
+            for i, own in enumerate(input_axes(inputs, axes)))
+    try:
+        with native_output_silenced():  # it prints the graph when it fails
+            program = torch.export.export(fused, inputs, dynamic_shapes=dynamic_shapes)
+    except Exception as exc:
+        raise ExportError(f"torch.export failed: {first_line(exc)}") from exc
+
+    def build(scratch: Path) -> nn.Module:
+        artifact = scratch / path.name
+        torch.export.save(program, artifact)
+        return load_model(str(artifact)).module  # through torch.export.load
+
+    details = {"dynamic_batch": 0 in axes, "dynamic_axes": list(axes),
+               "exporter": "torch.export.export", "run_by": "torch.export.load"}
+    return checked_export("pt2", {path.name: path}, build, reference=checked_against,
+                          check_inputs=inputs, verify=verify, reference_name=reference_name,
+                          force=force, path=path, details=details)
