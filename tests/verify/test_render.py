@@ -14,7 +14,9 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,19 +235,38 @@ def test_write_report_by_extension(tmp_path, failing):
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
+SCREENSHOT = Path(__file__).parents[2] / "scripts" / "screenshot-report"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH")
-def test_html_renders_in_headless_chromium(tmp_path, failing):
+def test_html_renders_in_headless_chromium_at_print_width(tmp_path, failing):
+    """scripts/screenshot-report: the page at A4's printable width (718 px) with its print
+    styles, a PNG of the whole page and a PDF; nothing may stick out sideways."""
     page = write_report(tmp_path / "report.html", failing)
-    shot = tmp_path / "shot.png"
-    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-              "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
-    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,1600",
-                    page.resolve().as_uri()], capture_output=True, timeout=120, check=False)
-    assert shot.exists() and shot.stat().st_size > 5000
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shot, pdf = tmp_path / "shot.png", tmp_path / "report.pdf"
+    done = subprocess.run([sys.executable, str(SCREENSHOT), str(page), str(shot), "--pdf",
+                           str(pdf)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr  # 1: something overflows
+    width, scroll, height = map(int, re.findall(r"\d+", done.stdout))
+    assert width == 718 and scroll <= width and height > 1000
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png[16:20], "big") == 718  # the PNG's width
+    assert int.from_bytes(png[20:24], "big") == height
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*common, "--dump-dom", page.resolve().as_uri()],
                          capture_output=True, text=True, timeout=120, check=False).stdout
     assert re.search(r'id="verdict"[^>]*>NOT EQUIVALENT<', dom)
     assert "<svg" in dom
+
+
+def test_the_screenshot_script_finds_a_page_that_is_too_wide(tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary on PATH")
+    page = tmp_path / "wide.html"
+    page.write_text("<html><body><table><tr><td>" + "x" * 400 + "</td></tr></table></body></html>")
+    done = subprocess.run([sys.executable, str(SCREENSHOT), str(page), str(tmp_path / "w.png")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
