@@ -9,7 +9,7 @@ ops (in all and per kind, :data:`OP_KINDS`), and the fused model's error against
 run in float64. JSON layout (``schema_version`` 1, :meth:`BenchResult.to_dict`)::
 
     {
-      "schema_version": 1,
+      "kind": "bench", "schema_version": 1,
       "model": "repvgg_a0",
       "torch": "2.x.y", "threads": 2, "device": "cpu", "dtype": "float32",
       "repeat": 20, "warmup": 3,
@@ -29,6 +29,9 @@ run in float64. JSON layout (``schema_version`` 1, :meth:`BenchResult.to_dict`):
          "max_rel_error": {"original": 3e-7, "fused": 4e-7}}
       ]
     }
+
+The table of ``repfuse bench`` (:meth:`BenchResult.rows`) is drawn from this JSON by
+:func:`repfuse.verify.render.bench_rows`, like every other rendering of it.
 
 ``max_rel_error`` is ``max|y - y64| / max|y64|`` (the verifier's ``max_rel``, the largest over
 the output tensors), where ``y64`` is the original model run in float64 on the timed input and
