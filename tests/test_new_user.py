@@ -265,6 +265,22 @@ def test_two_inputs_and_a_dict_output_through_the_cli(workdir):
         assert rel_err(expected[key], out[key]) <= F32_RTOL
 
 
+def test_a_two_input_pt2_program_is_converted_with_both_inputs(workdir):
+    model = user_nets.two_inputs()
+    torch.save(model.state_dict(), workdir / "w.pt")
+    first = cli("convert", "w.pt", "--arch", "user_nets:two_inputs", "--input-shape", "1,3,8,8",
+                "--input-shape", "1,6", "-o", "m.pt2", "--batches", 1)
+    assert first.exit_code == 0, first.output
+    again = cli("convert", "m.pt2", "-o", "again.onnx", "--batches", 1)  # shapes from the file
+    assert again.exit_code == 0, again.output
+    assert "input [1, 3, 8, 8], [1, 6]" in again.stderr
+    image, extra = two_input_example(seed=9)
+    got = onnx_run(workdir / "again.onnx", image=image, extra=extra)
+    expected = reference64(model, image, extra)
+    assert rel_err(expected["logits"], got["output_0"]) <= F32_RTOL  # a program returns a tuple
+    assert rel_err(expected["features"], got["output_1"]) <= F32_RTOL
+
+
 def test_tuple_batches_in_inputs_need_no_shapes(workdir):
     model = user_nets.two_inputs()
     torch.save(model.state_dict(), workdir / "w.pt")
