@@ -494,7 +494,7 @@ def test_python_dash_m_and_the_public_attributes(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["benchmark", "remove_noops", "convert"]
+    assert done.stdout.split() == ["benchmark", repfuse.export.ONNX_PIPELINE[0], "convert"]
 
 
 def test_inspect_json_on_stdout(workdir):
