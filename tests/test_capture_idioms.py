@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
 
 import pytest
 import torch
@@ -642,7 +643,8 @@ def test_fuse_refuses_a_fused_model_that_does_not_run(monkeypatch, capsys):
         gm.recompile()
         return result
 
-    monkeypatch.setattr(repfuse, "run_pipeline", breaking)
+    # the module repfuse.convert (the name repfuse.convert is the function)
+    monkeypatch.setattr(sys.modules["repfuse.convert"], "run_pipeline", breaking)
     with pytest.raises(repfuse.RepfuseError, match="does not run on the example input: at node "
                                                    r"'relu' in the model \(ConvReLU\)"):
         repfuse.fuse(randomized(ConvReLU()), random_input((1, 3, 6, 6), dtype=torch.float64))
