@@ -51,7 +51,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map, tree_unflatten
 
 from repfuse.errors import CaptureError, RepfuseError, RepfuseWarning
-from repfuse.graph import METADATA_ATTRIBUTES, METADATA_METHODS, SCALAR_FUNCTIONS, gc_paused
+from repfuse.graph import (
+    META_KEY,
+    METADATA_ATTRIBUTES,
+    METADATA_METHODS,
+    SCALAR_FUNCTIONS,
+    gc_paused,
+)
+from repfuse.passes.base import HISTORY_ATTR, PassResult
 
 ExampleInputs = Tensor | Sequence[Tensor]
 
@@ -1284,8 +1291,6 @@ def fuse_parts(module: nn.Module, run: Callable[[GraphModule], Any]) -> Any:
     prefixed with the part's path, also recorded as ``repfuse.history(module)``. New
     parameters keep the ``requires_grad`` flag of the parameters they were made from.
     """
-    from repfuse.graph import META_KEY
-    from repfuse.passes.base import HISTORY_ATTR, PassResult
 
     flags = _grad_flags(module)
     parts = parts_of(module)

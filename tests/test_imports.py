@@ -25,7 +25,7 @@ PACKAGE = Path(repfuse.__file__).parent
 # repfuse.models.load_by_structure, which resolves to repfuse.export on first use.
 ALLOWED_IN_FUNCTIONS = {"onnx", "onnxsim", "onnxruntime", "repfuse.export.deploy"}
 # Owned by the capture rework (issue 13): capture.fuse_parts reads passes.base lazily.
-NOT_YET = {("repfuse.capture", "repfuse.graph"), ("repfuse.capture", "repfuse.passes.base")}
+NOT_YET: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:
