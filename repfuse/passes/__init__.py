@@ -28,18 +28,20 @@ from repfuse.passes.equalize import Equalize
 from repfuse.passes.fold_affine import FoldBatchNorm, FoldScaleBias
 from repfuse.passes.metadata import ResolveMetadata
 from repfuse.passes.pooling import HoistGlobalPool
+from repfuse.passes.prune import PruneBelow, PruneDead
 from repfuse.passes.reparam import ComposeLinear, MergeBranches, MergePadding
 from repfuse.passes.siblings import MergeSiblings
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
     for cls in (ResolveMetadata, RemoveNoops, FoldConstants, FoldBatchNorm, FoldScaleBias,
-                MergePadding, ComposeLinear, MergeBranches, HoistGlobalPool, MergeSiblings,
-                Equalize)
+                MergePadding, ComposeLinear, MergeBranches, HoistGlobalPool, PruneDead,
+                MergeSiblings, Equalize, PruneBelow)
 }
 
 # The default pipeline, in the order passes are tried at each node. Passes of a later stage
-# (``Pass.stage``: merge_siblings) run once the earlier ones have reached their fixed point.
+# (``Pass.stage``: prune_dead, then merge_siblings) run once the earlier ones have reached their
+# fixed point. prune_below (approximate) is never in it.
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "resolve_metadata",
     "remove_noops",
@@ -50,17 +52,19 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "compose_linear",
     "merge_branches",
     "hoist_global_pool",
+    "prune_dead",
     "merge_siblings",
 )
 
 
 def resolve(
-    names: Iterable[str] | str | None, *, allow_costlier: bool = False
+    names: Iterable[str | Pass] | str | None, *, allow_costlier: bool = False
 ) -> list[Pass]:
     """Pass objects for ``names`` (a list or a comma-separated string); None: the defaults.
 
     ``allow_costlier`` sets the option of that name on the passes that have it (merges that
-    the cost model says do not pay are then applied too).
+    the cost model says do not pay are then applied too). A list may also hold pass objects
+    with their options set, e.g. ``PruneBelow(threshold=1e-3)``.
     """
     if names is None:
         names = DEFAULT_PIPELINE
@@ -68,6 +72,9 @@ def resolve(
         names = [n.strip() for n in names.split(",") if n.strip()]
     passes = []
     for name in names:
+        if isinstance(name, Pass):
+            passes.append(name)
+            continue
         if name not in REGISTRY:
             known = ", ".join(REGISTRY)
             raise RepfuseError(f"unknown pass '{name}'; known passes: {known}")
@@ -102,11 +109,13 @@ merge_padding = _single(MergePadding)
 compose_linear = _single(ComposeLinear)
 merge_branches = _single(MergeBranches)
 hoist_global_pool = _single(HoistGlobalPool)
+prune_dead = _single(PruneDead)
 merge_siblings = _single(MergeSiblings)
 
 
 def run_pipeline(
-    gm: GraphModule, names: Sequence[str] | str | None = None, *, allow_costlier: bool = False
+    gm: GraphModule, names: Sequence[str | Pass] | str | None = None, *,
+    allow_costlier: bool = False,
 ) -> PassResult:
     """Run the named passes (default: :data:`DEFAULT_PIPELINE`) on ``gm`` to a fixed point,
     stage by stage (see :attr:`Pass.stage`)."""
@@ -120,8 +129,8 @@ def run_pipeline(
 __all__ = [
     "DEFAULT_PIPELINE", "REGISTRY", "ComposeLinear", "Decline", "FoldBatchNorm", "FoldConstants",
     "FoldScaleBias", "HoistGlobalPool", "MergeBranches", "MergePadding", "MergeSiblings", "Pass",
-    "PassResult", "RemoveNoops", "ResolveMetadata", "Rewrite", "Rewriter", "compose_linear",
-    "fold_batchnorm", "fold_constants", "fold_scale_bias", "history", "hoist_global_pool",
-    "merge_branches", "merge_padding", "merge_siblings", "remove_noops", "resolve",
-    "resolve_metadata", "run_passes", "run_pipeline",
+    "PassResult", "PruneBelow", "PruneDead", "RemoveNoops", "ResolveMetadata", "Rewrite",
+    "Rewriter", "compose_linear", "fold_batchnorm", "fold_constants", "fold_scale_bias",
+    "history", "hoist_global_pool", "merge_branches", "merge_padding", "merge_siblings",
+    "prune_dead", "remove_noops", "resolve", "resolve_metadata", "run_passes", "run_pipeline",
 ]

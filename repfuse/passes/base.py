@@ -24,7 +24,7 @@ import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -473,6 +473,93 @@ class Rewriter:
         self.touched.extend(created)
         return record
 
+    def replace_many(
+        self,
+        pass_name: str,
+        *,
+        changes: Sequence[tuple[Node, Callable[[], Node]]],
+        resized: Mapping[Node, object] | None = None,
+        erased: Sequence[Node] = (),
+        detail: str = "",
+        exact: bool = True,
+        cost_before: NodeCost | None = None,
+    ) -> Rewrite:
+        """Replace several nodes at once and give others new shape metadata, as one rewrite:
+        a change made everywhere or nowhere, e.g. a channel removed from the layers that write
+        and read it and from the ops between them.
+
+        ``changes`` are ``(old, build)`` pairs in graph order. ``build()`` runs just before
+        ``old``, after the earlier replacements (so ``old.args`` already name the new nodes),
+        creates the nodes that replace ``old`` (modules through :meth:`place_module`) and
+        returns the one that takes its place, with its ``tensor_meta`` set. ``resized`` maps
+        nodes that stay to their new ``tensor_meta``; ``erased`` nodes are read only by replaced
+        ones and go too. Each new node records its own origin (the node it replaced); the
+        returned record covers them all. ``cost_before`` replaces the estimate from the
+        replaced nodes (for an op the cost model does not price, e.g. a whole attention).
+        """
+        resized = dict(resized or {})
+        if cost_before is None:
+            cost_before = nodes_cost(self.gm, [*(old for old, _ in changes), *erased, *resized])
+        pairs: list[tuple[Node, Node, list[Node]]] = []
+        for old, build in changes:
+            anchor = old.prev
+            with self.gm.graph.inserting_before(old):
+                new = build()
+            created = _between(anchor, old)
+            for node in created:
+                self.index.on_create(node)
+            pairs.append((old, new, created))
+            old.replace_all_uses_with(new)
+        for node, meta in resized.items():
+            node.meta["tensor_meta"] = meta
+        created_all = [n for _, _, created in pairs for n in created]
+        olds = [old for old, _, _ in pairs]
+        main = pairs[0][1]
+        gone = [*olds, *erased]
+        stands_for = tuple((old.name, new.name) for old, new, _ in pairs
+                           if _same_shape(old, new))
+        record = Rewrite(
+            pass_name, main.name, tuple(n.name for n in gone),
+            _merge_paths(origin_paths_of(n) for n in gone),
+            module=main.target if main.op == "call_module" else None, exact=exact,
+            detail=detail, cost_before=cost_before,
+            cost_after=nodes_cost(self.gm, [*created_all, *resized]), stands_for=stands_for,
+        )
+        for old, new, created in pairs:
+            own = replace(record, node=new.name, replaced=(old.name,),
+                          module_paths=origin_paths_of(old),
+                          module=new.target if new.op == "call_module" else None,
+                          stands_for=((old.name, new.name),) if _same_shape(old, new) else ())
+            for node in created:
+                node.meta[META_KEY] = own
+        self._erase(gone)
+        self.rewrites.append(record)
+        self.touched.extend([*created_all, *resized])
+        return record
+
+    def place_module(self, path: str, module: nn.Module, replaced: Sequence[Node]) -> str:
+        """Add ``module`` at ``path`` when nothing is there or only ``replaced`` use the module
+        there, else at a fresh path derived from it; returns the path to call."""
+        parent = path.rpartition(".")[0]
+        if path and not _path_exists(self.gm, path) and (not parent or _path_exists(
+                self.gm, parent)):
+            self.gm.add_submodule(path, module)
+            return path
+        return self._place_module(path, module, replaced)
+
+    def add_constant(self, value: Tensor, parameter: bool = False) -> str:
+        """Register ``value`` on the graph module as a new buffer (or frozen parameter) and
+        return its name, for a ``get_attr`` node."""
+        name, n = "_repfuse_constant", 0
+        while hasattr(self.gm, f"{name}{n}"):
+            n += 1
+        target = f"{name}{n}"
+        if parameter:
+            self.gm.register_parameter(target, nn.Parameter(value, requires_grad=False))
+        else:
+            self.gm.register_buffer(target, value)
+        return target
+
     def is_erased(self, node: Node) -> bool:
         return node in self.erased
 
@@ -618,6 +705,9 @@ def _elementwise(gm: GraphModule, node: Node) -> bool:
         return True
     found = classify(gm, node)
     return found is not None and found[1][0] == "activation"
+def _same_shape(old: Node, new: Node) -> bool:
+    before = getattr(old.meta.get("tensor_meta"), "shape", None)
+    return before is not None and before == getattr(new.meta.get("tensor_meta"), "shape", None)
 
 
 def _path_exists(gm: GraphModule, path: str) -> bool:

@@ -13,7 +13,7 @@ siblings of different kernel sizes (or groupings) would be zero-padded (or densi
 common kernel, which costs MACs, so they merge only when :func:`repfuse.cost.pays` agrees or the
 ``allow_costlier`` option is set. Siblings whose outputs are added or concatenated were merged
 into one conv by ``merge_branches`` already: this pass runs after the others reach their fixed
-point (stage 1), so it never splits what could have been summed.
+point (stage 2, after ``prune_dead``), so it never splits what could have been summed.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class MergeSiblings(Pass):
         "run sibling convs (or linears) that read one tensor as one wider layer followed by a "
         "split (Deep Rebirth branch merging; GoogLeNet's 1x1s, attention's Q/K/V)"
     )
-    stage: ClassVar[int] = 1
+    stage: ClassVar[int] = 2
     allow_costlier: bool = False
 
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
