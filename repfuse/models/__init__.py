@@ -13,7 +13,9 @@ around dynamic parts: SE-ResNet (Hu et al. 2018), CBAM (Woo et al. 2018), SKNet 
 2019), a non-local block (Wang et al. 2018), a Residual Attention Network module (Wang et al.
 2017), a spatial transformer (Jaderberg et al. 2015), dynamic convolution (Chen et al. 2020) and
 a transformer on conv-stem tokens (Vaswani et al. 2017). BranchyNet (Teerapittayanon et al.
-2016), whose early exit is a Python branch on values, is traceable only in parts.
+2016), whose early exit is a Python branch on values, is traceable only in parts. Sparse train
+forms, with the exact zeros that network slimming and head pruning leave (``slim_*``,
+``*_pruned_heads_tiny``, ``resnet_tiny_dead_addend``), exercise exact pruning.
 Build one with :func:`create_model`; list them with :func:`list_models`.
 """
 
@@ -30,6 +32,7 @@ from repfuse.models import (
     repvgg,
     repvit,
     resnet,
+    sparse,
     unireplknet,
     vgg,
     yolo_repconv,
@@ -65,6 +68,7 @@ __all__ = [
     "repvgg",
     "repvit",
     "resnet",
+    "sparse",
     "unireplknet",
     "vgg",
     "yolo_repconv",

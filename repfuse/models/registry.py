@@ -58,6 +58,9 @@ class ModelSpec:
             reparameterization: RepVGG, ACNet, DBB, ...) rather than only dropping BatchNorms.
             Its state dict then does not map key by key onto the train form's; map a fused
             model onto it with :func:`repfuse.export.deploy.load_by_structure`.
+        sparsify: For a model trained for sparsity: ``sparsify(model, seed)`` gives it the
+            zeros that training leaves (BN γ, filters, heads), after the random BatchNorm
+            statistics, which would otherwise overwrite them.
     """
 
     name: str
@@ -66,6 +69,7 @@ class ModelSpec:
     description: str
     supports_deploy: bool
     reparameterized: bool = False
+    sparsify: Callable[[nn.Module, int], None] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -78,6 +82,7 @@ def register_model(
     description: str,
     supports_deploy: bool = False,
     reparameterized: bool = False,
+    sparsify: Callable[[nn.Module, int], None] | None = None,
 ) -> Callable[[Factory], Factory]:
     """Register the decorated factory under ``name``; the factory itself is returned unchanged.
 
@@ -99,6 +104,7 @@ def register_model(
             description=description,
             supports_deploy=supports_deploy,
             reparameterized=reparameterized,
+            sparsify=sparsify,
         )
         return factory
 
@@ -158,6 +164,8 @@ def create_model(
         model = spec.factory(deploy=True) if deploy else spec.factory()
     if randomize_bn:
         randomize_bn_stats(model, seed)
+    if spec.sparsify is not None:
+        spec.sparsify(model, seed)
     return model.eval()
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -140,11 +140,19 @@ def _seeds(gm: GraphModule, node: Node) -> list[_Seed]:
 # --- verdicts: which channel classes can go ---------------------------------------------------
 
 
-@dataclass(frozen=True)
 class _Block:
-    """Why a class of channels stays: a sentence completing "channel c of X ..."."""
+    """Why a class of channels stays: a sentence completing "channel c of X ...", written
+    only when a decline needs it (most blocked classes never are)."""
 
-    text: str
+    def __init__(self, text: str | Callable[[], str], joined: bool = False) -> None:
+        self._text = text
+        self.joined = joined  # the channel met a live one at a join: the clearest reason
+
+    @property
+    def text(self) -> str:
+        if callable(self._text):
+            self._text = self._text()
+        return self._text
 
 
 @dataclass
@@ -202,7 +210,9 @@ def _block_shared(gm: GraphModule, rewriter: Rewriter, region: Region, block_all
         reason = None
         if isinstance(rule, GroupedConv):
             reason = rewriter.index.shared_reason(gm, rule.layer)
-        elif node.op == "call_module" and rewriter.index.module_sites[node.target] > 1:
+        elif node.op == "call_module" and rewriter.index.module_sites[node.target] > 1 and (
+                _sliced_module(gm.get_submodule(node.target), None) is not None):
+            # its per-channel parameters would be cut for the other calls too
             reason = f"{describe(node, gm)} is called at several sites"
         if reason is not None:
             block_all(node, f"{{must}} stay: {reason}")
@@ -219,7 +229,10 @@ def _judge_reader(gm, reader: Layer, values, classes, blocked, interesting) -> N
             interesting.add(k)
             continue
         if not seen.const[c]:
-            blocked.setdefault(k, _Block(_live_text(gm, reader.node, seen.why[c])))
+            why = seen.why[c]
+            joined = why is not None and why.via is not None
+            if k not in blocked or (joined and not blocked[k].joined):
+                blocked[k] = _Block(lambda why=why: _live_text(gm, reader.node, why), joined)
             continue
         value = float(seen.value[c])
         if value != 0 and pads:
@@ -529,8 +542,13 @@ def _slice_broadcast(value: Tensor, keep: Tensor, layout: Layout, rank: int) -> 
     return value.detach().index_select(axis, keep.nonzero().flatten().to(value.device))
 
 
-def _sliced_module(module: nn.Module, keep: Tensor) -> nn.Module | None:
-    """A copy of a BN or PReLU module holding only the kept channels (None: nothing to slice)."""
+def _sliced_module(module: nn.Module, keep: Tensor | None) -> nn.Module | None:
+    """A copy of a BN or PReLU module holding only the kept channels (None: nothing to slice;
+    with ``keep`` None, ``module`` itself when it has per-channel parameters)."""
+    if keep is None:
+        per_channel = isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(module, nn.PReLU) and module.num_parameters > 1)
+        return module if per_channel else None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         new = copy.deepcopy(module)
         new.num_features = int(keep.sum())
