@@ -539,13 +539,29 @@ class Rewriter:
 
     def place_module(self, path: str, module: nn.Module, replaced: Sequence[Node]) -> str:
         """Add ``module`` at ``path`` when nothing is there or only ``replaced`` use the module
-        there, else at a fresh path derived from it; returns the path to call."""
+        there (and its submodules and tensors), else at a fresh path derived from it; returns
+        the path to call."""
         parent = path.rpartition(".")[0]
-        if path and not _path_exists(self.gm, path) and (not parent or _path_exists(
-                self.gm, parent)):
+        free = path and not _path_exists(self.gm, path) and (
+            not parent or _path_exists(self.gm, parent))
+        if free or (path and _path_exists(self.gm, path) and self._only_used_by(path, replaced)):
             self.gm.add_submodule(path, module)
             return path
         return self._place_module(path, module, replaced)
+
+    def _only_used_by(self, path: str, replaced: Sequence[Node]) -> bool:
+        """True when no node but ``replaced`` calls or reads anything at or under ``path``."""
+        def under(target: str) -> bool:
+            return target == path or target.startswith(f"{path}.")
+
+        used = sum(n for t, n in self.index.module_sites.items() if under(t))
+        used += sum(n for t, n in self.index.attr_reads.items() if under(t))
+        own = sum(1 for n in replaced if n.op in ("call_module", "get_attr") and under(n.target))
+        if used != own:
+            return False
+        held = self.gm.get_submodule(path)
+        return all(self.index.tensor_names[id(t)] <= 1
+                   for t in (*held.parameters(), *held.buffers()))
 
     def add_constant(self, value: Tensor, parameter: bool = False) -> str:
         """Register ``value`` on the graph module as a new buffer (or frozen parameter) and

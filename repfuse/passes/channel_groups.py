@@ -1096,7 +1096,8 @@ def _function_rule(gm: GraphModule, node: Node) -> Rule | str | None:
             return None
         return Pointwise(node, [data], "softmax", gm, softmax_dim=args["dim"])
     if target in _RESHAPE_FUNCTIONS:
-        return Reshape(node, data) if data is not None else None
+        source = _reshape_source(node)
+        return Reshape(node, source) if source is not None else None
     if target in _PERMUTE_FUNCTIONS:
         return _permute_rule(node, data, target.__name__, node.args[1:])
     if target in (torch.mean, torch.sum, torch.amax, torch.amin):
@@ -1108,11 +1109,23 @@ def _function_rule(gm: GraphModule, node: Node) -> Rule | str | None:
     return None
 
 
+def _reshape_source(node: Node) -> Node | None:
+    """The tensor a reshape reads; its other arguments are sizes (numbers, or numbers read
+    from shapes), which the reshape's recorded output shape already tells."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, Node) or source.op == "get_attr" or shape_of(source) is None:
+        return None
+    return source
+
+
 def _method_rule(gm: GraphModule, node: Node) -> Rule | str | None:
     target = node.target
-    data = _single_input(node)
     if target in _ARITH_METHODS:
         return _arith_rule(gm, node, _ARITH_METHODS[target])
+    if target in _RESHAPE_METHODS:
+        source = _reshape_source(node)
+        return Reshape(node, source) if source is not None else None
+    data = _single_input(node)
     if data is None:
         return None
     if target in _ACTIVATION_METHODS:
@@ -1122,8 +1135,6 @@ def _method_rule(gm: GraphModule, node: Node) -> Rule | str | None:
         if not isinstance(args["dim"], int):
             return None
         return Pointwise(node, [data], "softmax", gm, softmax_dim=args["dim"])
-    if target in _RESHAPE_METHODS:
-        return Reshape(node, data)
     if target in _PERMUTE_METHODS:
         return _permute_rule(node, data, target, node.args[1:])
     if target in _REDUCE:

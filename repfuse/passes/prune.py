@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -732,7 +733,7 @@ def _mha_pruning(gm: GraphModule, node: Node, rewriter: Rewriter, pass_name: str
     projections = [linear(w[device_keep], None if b is None else b[device_keep])
                    for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b))]
     output = linear(out_weight, out_bias)
-    getitem = next(iter(node.users))
+    getitem, unused = _mha_outputs(node)
     out_meta = getitem.meta.get("tensor_meta")
 
     def build() -> Node:
@@ -745,10 +746,15 @@ def _mha_pruning(gm: GraphModule, node: Node, rewriter: Rewriter, pass_name: str
 
         q_in, k_in, v_in = (node.args[i] if i < len(node.args) else node.kwargs[name]
                             for i, name in enumerate(("query", "key", "value")))
+        # the attention's path now holds its four projections
+        container = nn.Module()
+        for name, layer in zip(("q_proj", "k_proj", "v_proj", "out_proj"),
+                               (*projections, output), strict=True):
+            container.add_module(name, layer)
+        root = rewriter.place_module(node.target, container, [node])
         parts = []
-        for index, (data, proj) in enumerate(zip((q_in, k_in, v_in), projections,
-                                                 strict=True)):
-            target = rewriter.place_module(f"{node.target}.{'qkv'[index]}_proj", proj, [])
+        for index, data in enumerate((q_in, k_in, v_in)):
+            target = f"{root}.{'qkv'[index]}_proj"
             outer = shape_of(data)[:-1]
             projected = add("call_module", target, (data,), (*outer, kept * head_dim))
             if not batch_first:
@@ -768,8 +774,7 @@ def _mha_pruning(gm: GraphModule, node: Node, rewriter: Rewriter, pass_name: str
         if not batch_first:
             merged = add("call_method", "transpose", (merged, 0, 1),
                          (length, batch, kept * head_dim))
-        target = rewriter.place_module(f"{node.target}.out_proj", output, [])
-        new = graph.call_module(target, (merged,))
+        new = graph.call_module(f"{root}.out_proj", (merged,))
         new.meta["tensor_meta"] = out_meta
         return new
 
@@ -781,7 +786,7 @@ def _mha_pruning(gm: GraphModule, node: Node, rewriter: Rewriter, pass_name: str
     projections_macs += tokens[0] * embed * embed
     before = nodes_cost(gm, [node, getitem]) + NodeCost(macs=projections_macs)
     return rewriter.replace_many(
-        pass_name, changes=[(getitem, build)], erased=[node], cost_before=before,
+        pass_name, changes=[(getitem, build)], erased=[*unused, node], cost_before=before,
         detail=f"heads [{heads_text}] of {label} removed ({removed} of {heads}); "
                f"its {kept} other heads run as explicit projections and "
                "scaled_dot_product_attention")
@@ -809,6 +814,22 @@ def _mha_projections(module: nn.MultiheadAttention) -> tuple[Tensor, Tensor, Ten
             module.v_proj_weight.detach())
 
 
+def _mha_outputs(node: Node) -> tuple[Node | None, list[Node]]:
+    """The one ``attention(...)[0]`` node and the ``[1]`` nodes nobody reads; ``(None, [])``
+    if the call is used any other way."""
+    outputs, unused = [], []
+    for user in node.users:
+        if user.op != "call_function" or user.target is not operator.getitem:
+            return None, []
+        if user.args[1] == 0:
+            outputs.append(user)
+        elif not user.users:
+            unused.append(user)
+        else:
+            return None, []
+    return (outputs[0], unused) if len(outputs) == 1 else (None, [])
+
+
 def _mha_reason(gm: GraphModule, node: Node, module: nn.MultiheadAttention) -> str | None:
     """Why the attention cannot be rewritten with fewer heads, or None."""
     if module.training and module.dropout > 0:
@@ -822,11 +843,11 @@ def _mha_reason(gm: GraphModule, node: Node, module: nn.MultiheadAttention) -> s
     if args["key_padding_mask"] is not None or args["attn_mask"] is not None or args[
             "is_causal"]:
         return "it is called with a mask (not rewritten into its explicit form yet)"
-    users = list(node.users)
-    if len(users) != 1 or users[0].op != "call_function" or users[0].args[1:] != (0,):
+    output, unused = _mha_outputs(node)
+    if output is None:
         return ("its attention weights are read too (their average over heads would change "
                 "without the removed heads)")
-    shape = shape_of(users[0])
+    shape = shape_of(output)
     query = args["query"]
     if shape is None or len(shape) != 3 or shape_of(query) is None:
         return "it is called on unbatched or unknown-shape inputs"
