@@ -327,11 +327,8 @@ def _decline_text(gm: GraphModule, seed: _Seed, plan: _Plan) -> str | None:
         return None
     sentences = []
     for text, channels in list(by_reason.items())[:3]:
-        names = original_channels(seed.start, flat_size(seed.layout))
-        label = seed.label.format(c=_channel_list([names[c] for c in channels]))
+        label = _seed_label(seed, channels)
         plural = len(channels) > 1
-        if plural:
-            label = label.replace("channel ", "channels ", 1)
         for token, (one, many) in _VERBS.items():
             text = text.replace(token, many if plural else one)
         sentences.append(f"{label} {text}")
@@ -339,6 +336,18 @@ def _decline_text(gm: GraphModule, seed: _Seed, plan: _Plan) -> str | None:
     if more > 0:
         sentences.append(f"and {more} more reason{'s' if more > 1 else ''}")
     return "; ".join(sentences)
+
+
+def _seed_label(seed: _Seed, channels: Sequence[int]) -> str:
+    """"channel 3 of 'conv'" / "channels 3, 7 of 'conv'", numbered as in the user's model."""
+    names = original_channels(seed.start, flat_size(seed.layout))
+    label = seed.label.format(c=_channel_list([names[c] for c in channels]))
+    return label.replace("channel ", "channels ", 1) if len(channels) > 1 else label
+
+
+def _stays(seed: _Seed, reason: str) -> str:
+    verb = "stays" if len(seed.channels) == 1 else "stay"
+    return f"{_seed_label(seed, seed.channels)} {verb}: {reason}"
 
 
 # Verbs of the decline sentences, singular and plural ("channel 3 ... is", "channels ... are").
@@ -364,7 +373,9 @@ def _new_shape_meta(node: Node, layout: Layout, removed: Tensor) -> Any:
 
 
 def _rebuild(pass_name: str, gm: GraphModule, rewriter: Rewriter, plan: _Plan,
-             exact: bool = True) -> Rewrite:
+             exact: bool = True) -> Rewrite | str:
+    """Remove the plan's channels everywhere at once (one recorded rewrite), or say why an op
+    on the way cannot be rewritten (then nothing changes)."""
     region = plan.region
     removed = {n: torch.tensor([k in plan.removable for k in plan.classes[n]], dtype=torch.bool)
                for n in region.layouts}
@@ -383,6 +394,8 @@ def _rebuild(pass_name: str, gm: GraphModule, rewriter: Rewriter, plan: _Plan,
         if node not in metas and not isinstance(rule, GroupedConv):
             continue
         built = _rule_builder(gm, rewriter, rule, removed, metas, plan, notes)
+        if isinstance(built, str):
+            return built
         if built is not None:
             builders[node] = built
     resized = {}
@@ -605,19 +618,31 @@ def _reshape_builder(gm, rewriter, rule: Reshape, meta):
                 out[i] = new_shape[axis]
         return out
 
+    # Where the sizes are, checked now: a builder must not fail halfway through a rewrite.
+    args = node.args
+    if node.kwargs:
+        return f"{describe(node, gm)} takes its sizes as keywords"
+    if name == "unflatten":
+        source_rank = len(shape_of(rule.source))
+        if len(args) != 3 or not isinstance(args[1], int) or not isinstance(
+                args[2], (list, tuple)):
+            return f"{describe(node, gm)} unflattens along a computed axis"
+        first, position = args[1] % source_rank, 2
+    elif len(args) == 2 and isinstance(args[1], (list, tuple)):
+        first, position = 0, 1
+    else:
+        first, position = 0, None
+    count = len(args[position]) if position is not None else len(args) - 1
+    if name != "unflatten" and count != len(new_shape):
+        return f"{describe(node, gm)} takes its shape as one computed value"
+
     def build_reshape() -> Node:
-        args = list(node.args)
-        if name == "unflatten":
-            source_rank = len(shape_of(rule.source))
-            dim = args[1] % source_rank if isinstance(args[1], int) else None
-            if dim is None:
-                raise RepfuseError(f"unflatten along a computed axis: {node.format_node()}")
-            args[2] = tuple(resized(args[2], dim))
-        elif len(args) == 2 and isinstance(args[1], (list, tuple)):
-            args[1] = type(args[1])(resized(args[1], 0))
+        new_args = list(node.args)
+        if position is None:
+            new_args[1:] = resized(new_args[1:], first)
         else:
-            args[1:] = resized(args[1:], 0)
-        new = gm.graph.create_node(node.op, node.target, tuple(args), dict(node.kwargs))
+            new_args[position] = type(new_args[position])(resized(new_args[position], first))
+        new = gm.graph.create_node(node.op, node.target, tuple(new_args), dict(node.kwargs))
         new.meta["tensor_meta"] = meta
         return new
 
@@ -881,13 +906,14 @@ class PruneDead(Pass):
         for seed in _seeds(gm, node):
             plan = _analyze(gm, rewriter, seed)
             if isinstance(plan, str):
-                names = original_channels(seed.start, flat_size(seed.layout))
-                label = seed.label.format(c=_channel_list([names[c] for c in seed.channels]))
-                verb = "stays" if len(seed.channels) == 1 else "stay"
-                reasons.append(f"{label} {verb}: {plan}")
+                reasons.append(_stays(seed, plan))
                 continue
             if plan.removable:
-                return _rebuild(self.name, gm, rewriter, plan)
+                rebuilt = _rebuild(self.name, gm, rewriter, plan)
+                if isinstance(rebuilt, Rewrite):
+                    return rebuilt
+                reasons.append(_stays(seed, rebuilt))
+                continue
             text = _decline_text(gm, seed, plan)
             if text is not None:
                 reasons.append(text)
