@@ -76,6 +76,8 @@ def test_subnormals_are_counted_and_flushed() -> None:
     assert subnormal_count(t) == 2
     assert flush_subnormals(t).tolist() == [1.0, 0.0, 0.0, 0.0, tiny]
     assert subnormal_count(flush_subnormals(t)) == 0
+    # float16's subnormals (below 6.1e-5) are ordinary small weights: not counted
+    assert subnormal_count(torch.tensor([1e-5, 1.0], dtype=torch.float16)) == 0
 
 
 # --- constants folded into readers ----------------------------------------------------------------
