@@ -26,38 +26,43 @@ from torch import Tensor
 from repfuse.algebra import FOLD_DTYPE, input_channel_of_weight
 
 
-def _filters(weight: Tensor, groups: int, transposed: bool) -> Tensor:
-    """``weight`` as ``(C_out, everything that writes one output channel)``, in output order."""
-    if not transposed:
-        return weight.reshape(weight.shape[0], -1)
-    # (C_in, C_out/g, *k): group j's rows hold the filters of output channels j·C_out/g + ...
-    c_in, out_per_group = weight.shape[0], weight.shape[1]
-    per = weight.reshape(groups, c_in // groups, out_per_group, -1)
-    return per.transpose(1, 2).reshape(groups * out_per_group, -1)
+def zero_channels(weight: Tensor, groups: int = 1, transposed: bool = False
+                  ) -> tuple[Tensor, Tensor]:
+    """Bool masks of the output channels whose whole filter is zero and of the input channels
+    that no weight reads, from one scan of the weight.
+
+    Conv/linear: output ``o`` is dead when ``W[o] == 0``; input ``c = group·(C_in/g) + i`` is
+    ignored when ``W[o, i] == 0`` for every ``o`` of its group. Transposed conv: output
+    ``o = group·(C_out/g) + j`` is dead when ``W[i, j] == 0`` for every ``i`` of the group;
+    input ``c`` is ignored when ``W[c] == 0``. A dead output channel is its bias.
+    """
+    zero = weight.detach().eq(0)
+    if transposed:
+        c_in, out_per_group = zero.shape[0], zero.shape[1]
+        per = zero.reshape(groups, c_in // groups, out_per_group, -1)
+        dead = per.all(dim=3).all(dim=1).reshape(-1)
+        return dead, zero.reshape(c_in, -1).all(dim=1)
+    out_channels, in_per_group = zero.shape[0], zero.shape[1]
+    per = zero.reshape(groups, out_channels // groups, in_per_group, -1).all(dim=3)
+    return zero.reshape(out_channels, -1).all(dim=1), per.all(dim=1).reshape(-1)
 
 
 def zero_output_channels(weight: Tensor, groups: int = 1, transposed: bool = False) -> Tensor:
-    """A bool mask over output channels whose whole filter is zero.
-
-    Conv/linear: ``W[o] == 0``; transposed conv: ``W[i, j] == 0`` for every input ``i`` of the
-    group that writes output ``o = group·(C_out/g) + j``. Such a channel outputs its bias.
-    """
-    return _filters(weight.detach(), groups, transposed).eq(0).all(dim=1)
+    """The output channels whose whole filter is zero (see :func:`zero_channels`)."""
+    return zero_channels(weight, groups, transposed)[0]
 
 
 def zero_input_channels(weight: Tensor, groups: int = 1, transposed: bool = False) -> Tensor:
-    """A bool mask over input channels that no weight reads (an all-zero column).
+    """The input channels no weight reads: an all-zero column (see :func:`zero_channels`)."""
+    return zero_channels(weight, groups, transposed)[1]
 
-    Conv/linear: ``W[o, i] == 0`` for every ``o`` reading channel ``c = group·(C_in/g) + i``;
-    transposed conv: ``W[c] == 0``.
-    """
-    weight = weight.detach()
-    if transposed:
-        return weight.reshape(weight.shape[0], -1).eq(0).all(dim=1)
-    in_per_group = weight.shape[1]
-    out_per_group = weight.shape[0] // groups
-    per = weight.reshape(groups, out_per_group, in_per_group, -1)
-    return per.eq(0).all(dim=3).all(dim=1).reshape(-1)
+
+def all_normal(tensor: Tensor | None) -> bool:
+    """True when no entry of ``tensor`` is zero or subnormal (``min |w| ≥ tiny``): then it has
+    no dead filter, no ignored column and nothing to flush."""
+    if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    return bool(tensor.detach().abs().amin() >= torch.finfo(tensor.dtype).tiny)
 
 
 def subnormal_count(tensor: Tensor | None) -> int:
@@ -68,8 +73,9 @@ def subnormal_count(tensor: Tensor | None) -> int:
     numbers and cost nothing extra."""
     if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float16:
         return 0
-    magnitude = tensor.detach().abs()
-    return int(((magnitude > 0) & (magnitude < torch.finfo(tensor.dtype).tiny)).sum())
+    t, tiny = tensor.detach(), torch.finfo(tensor.dtype).tiny
+    below = int(torch.count_nonzero((t < tiny) & (t > -tiny)))  # zeros and subnormals
+    return below - int(torch.count_nonzero(t == 0)) if below else 0
 
 
 def flush_subnormals(tensor: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from conftest import F64_RTOL, rel_err
 from torch import Tensor
 
 from repfuse.channels import (
+    all_normal,
     conv_of_constant,
     flush_subnormals,
     grouped_output_constants,
@@ -76,6 +77,8 @@ def test_subnormals_are_counted_and_flushed() -> None:
     assert subnormal_count(t) == 2
     assert flush_subnormals(t).tolist() == [1.0, 0.0, 0.0, 0.0, tiny]
     assert subnormal_count(flush_subnormals(t)) == 0
+    assert not all_normal(t) and not all_normal(torch.tensor([0.0, 1.0]))
+    assert all_normal(torch.tensor([tiny, -2.0])) and all_normal(None)
     # float16's subnormals (below 6.1e-5) are ordinary small weights: not counted
     assert subnormal_count(torch.tensor([1e-5, 1.0], dtype=torch.float16)) == 0
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +41,9 @@ from torch.fx import GraphModule, Node
 
 from repfuse.algebra import FOLD_DTYPE
 from repfuse.channels import (
+    all_normal,
     grouped_output_constants,
-    zero_input_channels,
+    zero_channels,
     zero_output_channels,
 )
 from repfuse.graph import (
@@ -961,11 +963,16 @@ class Layer:
     def transposed(self) -> bool:
         return self.view.kind == "conv_transpose"
 
+    def _zero_channels(self) -> tuple[Tensor, Tensor]:
+        return weight_fact(self.view.weight, ("zero", self.view.groups, self.transposed),
+                           lambda w: tuple(m.cpu() for m in zero_channels(
+                               w, self.view.groups, self.transposed)))
+
     def zero_rows(self) -> Tensor:
-        return zero_output_channels(self.view.weight, self.view.groups, self.transposed).cpu()
+        return self._zero_channels()[0]
 
     def zero_columns(self) -> Tensor:
-        return zero_input_channels(self.view.weight, self.view.groups, self.transposed).cpu()
+        return self._zero_channels()[1]
 
     def values(self) -> Values:
         const = self.zero_rows()
@@ -973,6 +980,33 @@ class Layer:
         value = torch.zeros(len(const), dtype=FOLD_DTYPE) if bias is None else (
             bias.detach().to(FOLD_DTYPE).cpu())
         return Values.constants(const, value, Live(self.node))
+
+
+# What a weight's values tell (all normal? which filters are zero?), per tensor, for as long as
+# the tensor is not changed in place: a layer is visited several times during a pipeline, and
+# scanning a 100M-entry weight costs a tenth of a second. Keyed by identity (tensors compare
+# elementwise); an entry goes with its tensor.
+_FACTS: dict[int, tuple[weakref.ref, int, dict]] = {}
+
+
+def weight_fact(weight: Tensor, key: Hashable, compute: Callable[[Tensor], Any]) -> Any:
+    """``compute(weight)``, remembered for ``weight`` under ``key`` until it changes."""
+    entry = _FACTS.get(id(weight))
+    if entry is None or entry[0]() is not weight or entry[1] != weight._version:
+        ident = id(weight)
+        entry = (weakref.ref(weight, lambda _: _FACTS.pop(ident, None)), weight._version, {})
+        _FACTS[ident] = entry
+    facts = entry[2]
+    if key not in facts:
+        facts[key] = compute(weight)
+    return facts[key]
+
+
+def weight_all_normal(weight: Tensor | None) -> bool:
+    """:func:`repfuse.channels.all_normal`, remembered per tensor."""
+    if weight is None:
+        return True
+    return weight_fact(weight, "all_normal", all_normal)
 
 
 def dense_layer(gm: GraphModule, node: Node) -> Layer | None:

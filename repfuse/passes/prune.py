@@ -76,6 +76,8 @@ from repfuse.passes.channel_groups import (
     graph_order,
     rule_for,
     split_sizes,
+    weight_all_normal,
+    weight_fact,
 )
 
 # --- seeds: where a visit starts looking ------------------------------------------------------
@@ -107,6 +109,8 @@ def original_channels(node: Node, count: int) -> list[int]:
 
 def _seeds(gm: GraphModule, node: Node) -> list[_Seed]:
     layer = dense_layer(gm, node)
+    if layer is not None and weight_all_normal(layer.view.weight):
+        return []  # no zero weight: no dead filter, no ignored column (the common case)
     if layer is not None:
         seeds = []
         rows = layer.zero_rows()
@@ -121,7 +125,7 @@ def _seeds(gm: GraphModule, node: Node) -> list[_Seed]:
                                f"input channel {{c}} of {describe(node, gm)}"))
         return seeds
     rule = rule_for(gm, node)
-    if isinstance(rule, GroupedConv):
+    if isinstance(rule, GroupedConv) and not weight_all_normal(rule.layer.weight):
         rows = Layer(node, rule.layer).zero_rows()
         if bool(rows.any()):
             return [_Seed(node, ((1, rule.layer.out_channels),),
@@ -924,9 +928,10 @@ class PruneDead(Pass):
     def _flush_subnormals(self, node: Node, rewriter: Rewriter) -> Rewrite | None:
         gm = rewriter.gm
         view = layer_view(gm, node)
-        if view is None:
+        if view is None or (weight_all_normal(view.weight) and weight_all_normal(view.bias)):
             return None
-        count = subnormal_count(view.weight) + subnormal_count(view.bias)
+        count = weight_fact(view.weight, "subnormals", subnormal_count) + (
+            0 if view.bias is None else weight_fact(view.bias, "subnormals", subnormal_count))
         if count == 0 or rewriter.index.shared_reason(gm, view) is not None:
             return None
         weight = flush_subnormals(view.weight)
