@@ -86,12 +86,11 @@ from repfuse.passes.channel_groups import (
 @dataclass(frozen=True)
 class _Seed:
     """Channels that look removable: ``channels`` of tensor ``start`` (laid out as ``layout``),
-    described as ``label`` (e.g. "output channel" of a layer, "input channel")."""
+    named by ``label`` ("channel {c} of 'conv'" or "input channel {c} of 'conv'")."""
 
     start: Node
     layout: Layout
     channels: tuple[int, ...]
-    kind: str  # "constant" | "ignored"
     label: str  # "channel {c} of 'conv'" with {c} to fill
 
 
@@ -116,12 +115,12 @@ def _seeds(gm: GraphModule, node: Node) -> list[_Seed]:
         rows = layer.zero_rows()
         if bool(rows.any()):
             seeds.append(_Seed(node, ((layer.out_axis, layer.view.out_channels),),
-                               tuple(rows.nonzero().flatten().tolist()), "constant",
+                               tuple(rows.nonzero().flatten().tolist()),
                                f"channel {{c}} of {describe(node, gm)}"))
         columns = layer.zero_columns()
         if bool(columns.any()):
             seeds.append(_Seed(layer.view.input, ((layer.in_axis, layer.view.in_channels),),
-                               tuple(columns.nonzero().flatten().tolist()), "ignored",
+                               tuple(columns.nonzero().flatten().tolist()),
                                f"input channel {{c}} of {describe(node, gm)}"))
         return seeds
     rule = rule_for(gm, node)
@@ -129,7 +128,7 @@ def _seeds(gm: GraphModule, node: Node) -> list[_Seed]:
         rows = Layer(node, rule.layer).zero_rows()
         if bool(rows.any()):
             return [_Seed(node, ((1, rule.layer.out_channels),),
-                          tuple(rows.nonzero().flatten().tolist()), "constant",
+                          tuple(rows.nonzero().flatten().tolist()),
                           f"channel {{c}} of {describe(node, gm)}")]
     if isinstance(rule, Pointwise) and rule.kind == "affine":
         bn = batchnorm_view(gm, node)
@@ -138,7 +137,7 @@ def _seeds(gm: GraphModule, node: Node) -> list[_Seed]:
             zero = bn.weight.detach().eq(0).cpu()
             if bool(zero.any()):
                 return [_Seed(node, ((1, shape[1]),), tuple(zero.nonzero().flatten().tolist()),
-                              "constant", f"channel {{c}} of {describe(node, gm)} (γ = 0)")]
+                              f"channel {{c}} of {describe(node, gm)} (γ = 0)")]
     return []
 
 
@@ -149,9 +148,11 @@ class _Block:
     """Why a class of channels stays: a sentence completing "channel c of X ...", written
     only when a decline needs it (most blocked classes never are)."""
 
-    def __init__(self, text: str | Callable[[], str], joined: bool = False) -> None:
+    def __init__(self, text: str | Callable[[], str], joined: bool = False,
+                 value: float | None = None) -> None:
         self._text = text
         self.joined = joined  # the channel met a live one at a join: the clearest reason
+        self.value = value  # the channel's constant, for "{constant}" in the text
 
     @property
     def text(self) -> str:
@@ -244,14 +245,14 @@ def _judge_reader(gm, reader: Layer, values, classes, blocked, interesting) -> N
             kind = "transposed conv" if reader.transposed else (
                 "x".join(str(s) for s in reader.view.kernel_size) + " conv")
             blocked.setdefault(k, _Block(
-                f"{{is}} the constant {value:.6g} where {name} reads it, but {name} is a "
-                f"zero-padded {kind}: at the border it reads the padding's 0, not the "
-                "constant"))
+                f"{{is}} {{constant}} where {name} reads {{it}}, but {name} is a zero-padded "
+                f"{kind}: at the border it reads the padding's 0, not the constant",
+                value=value))
 
 
 def _live_text(gm: GraphModule, reader: Node, why: Live | None) -> str:
     if why is None:
-        return f"{{varies}} where {describe(reader, gm)} reads it"
+        return f"{{varies}} where {describe(reader, gm)} reads {{it}}"
     origin = describe(why.origin, gm)
     if why.via is not None:
         via = why.via
@@ -260,8 +261,8 @@ def _live_text(gm: GraphModule, reader: Node, why: Live | None) -> str:
             return f"{{is}} read by the {join} {describe(via, gm)}, where {why.note}"
         return f"{{is}} read by the {join} {describe(via, gm)}, and {{is}} live in {origin}"
     if why.note:
-        return f"{{varies}} where {describe(reader, gm)} reads it: {why.note}"
-    return f"{{is}} live in {origin} where {describe(reader, gm)} reads it"
+        return f"{{varies}} where {describe(reader, gm)} reads {{it}}: {why.note}"
+    return f"{{is}} live in {origin} where {describe(reader, gm)} reads {{it}}"
 
 
 def _is_add(node: Node) -> bool:
@@ -319,22 +320,29 @@ def _decline_text(gm: GraphModule, seed: _Seed, plan: _Plan) -> str | None:
     classes = plan.classes.get(seed.start)
     if classes is None:
         return None
-    by_reason: dict[str, list[int]] = {}
+    by_reason: dict[str, list[tuple[int, float | None]]] = {}
     for c in seed.channels:
         k = classes[c]
         if k in plan.removable:
             continue
         block = plan.blocked.get(k)
-        text = block.text if block is not None else "{stays}: nothing reads it as a constant"
-        by_reason.setdefault(text, []).append(c)
+        text = block.text if block is not None else "{stays}: nothing reads {it} as a constant"
+        by_reason.setdefault(text, []).append((c, None if block is None else block.value))
     if not by_reason:
         return None
     sentences = []
-    for text, channels in list(by_reason.items())[:3]:
+    for text, found in list(by_reason.items())[:3]:
+        channels = [c for c, _ in found]
         label = _seed_label(seed, channels)
         plural = len(channels) > 1
         for token, (one, many) in _VERBS.items():
             text = text.replace(token, many if plural else one)
+        values = [f"{v:.6g}" for _, v in found if v is not None]
+        if plural:
+            shown = ", ".join(values[:8]) + (", ..." if len(values) > 8 else "")
+            text = text.replace("{constant}", f"constants ({shown})")
+        elif values:
+            text = text.replace("{constant}", f"the constant {values[0]}")
         sentences.append(f"{label} {text}")
     more = len(by_reason) - 3
     if more > 0:
@@ -356,7 +364,7 @@ def _stays(seed: _Seed, reason: str) -> str:
 
 # Verbs of the decline sentences, singular and plural ("channel 3 ... is", "channels ... are").
 _VERBS = {"{is}": ("is", "are"), "{varies}": ("varies", "vary"), "{stays}": ("stays", "stay"),
-          "{must}": ("must", "must")}
+          "{must}": ("must", "must"), "{it}": ("it", "them")}
 
 
 def _channel_list(channels: list[int]) -> str:

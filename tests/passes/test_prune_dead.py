@@ -324,7 +324,7 @@ def test_a_constant_through_a_padded_depthwise_conv_stays() -> None:
 
     [decline] = result.declined
     assert decline.reason == (
-        "channels 2, 3 of 'pw1' (Conv2d) vary where 'pw2' (Conv2d) reads it: 'dw' (Conv2d) "
+        "channels 2, 3 of 'pw1' (Conv2d) vary where 'pw2' (Conv2d) reads them: 'dw' (Conv2d) "
         "pads with zeros, which makes a constant uneven at the borders")
 
 
