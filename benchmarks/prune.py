@@ -9,7 +9,9 @@ CPU, at each batch size, on one seeded N(0, 1) input:
 
 **Forms.** ``train``: the model as built. ``unpruned``: repfuse's default pipeline without
 ``prune_dead`` (BN folds, merges). ``pruned``: the default pipeline (``prune_dead`` included).
-The ratio pruned/unpruned isolates what pruning buys. ``TP same``: Torch-Pruning
+The ratio pruned/unpruned isolates what pruning buys. ``pruned ×8``: ``prune_dead`` with
+``multiple_of=8``, keeping every pruned width a multiple of 8 (onnxruntime's CPU convs work on
+channel blocks of 8 or 16). ``TP same``: Torch-Pruning
 (``torch_pruning.DependencyGraph``) removing from the train form exactly the output channels
 ``prune_dead`` removed, with its dependency groups (BN, following layers, residual partners):
 the same channel count, but the constants those channels carried are dropped instead of folded
@@ -58,15 +60,18 @@ from repfuse.bench import max_rel_between, time_models  # noqa: E402
 from repfuse.convert import convert  # noqa: E402
 from repfuse.graph import layer_view  # noqa: E402
 from repfuse.models import create_model, get_spec  # noqa: E402
-from repfuse.passes import DEFAULT_PIPELINE  # noqa: E402
+from repfuse.passes import DEFAULT_PIPELINE, PruneDead  # noqa: E402
 from repfuse.passes.prune import CHANNELS_KEY  # noqa: E402
 
 SPARSE_MODELS = ("slim_vgg_tiny", "slim_resnet_tiny", "resnet_tiny_dead_addend",
                  "vit_pruned_heads_tiny", "mha_pruned_heads_tiny")
 UNPRUNED = tuple(p for p in DEFAULT_PIPELINE if p != "prune_dead")
+# prune_dead keeping every pruned width a multiple of 8 (onnxruntime's channel blocks)
+ALIGNED = tuple(PruneDead(multiple_of=8) if p == "prune_dead" else p for p in DEFAULT_PIPELINE)
 # What `repfuse convert -o MODEL.onnx` runs: no horizontal fusion (onnxruntime runs it slower)
 ONNX_PRUNED = tuple(p for p in DEFAULT_PIPELINE if p != "merge_siblings")
 ONNX_UNPRUNED = tuple(p for p in ONNX_PRUNED if p != "prune_dead")
+ONNX_ALIGNED = tuple(p for p in ALIGNED if p != "merge_siblings")
 
 
 def macs_of(model: Callable, x: Tensor) -> int:
@@ -223,8 +228,10 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path | None,
         warnings.simplefilter("ignore")
         unpruned = convert(train, x1, list(UNPRUNED), check=False).fused
         pruned = convert(train, x1, list(DEFAULT_PIPELINE), check=False).fused
+        aligned = convert(train, x1, list(ALIGNED), check=False).fused
         removed, unmapped = removed_channels(train, x1)
-        forms: dict[str, nn.Module] = {"train": train, "unpruned": unpruned, "pruned": pruned}
+        forms: dict[str, nn.Module] = {"train": train, "unpruned": unpruned, "pruned": pruned,
+                                       "aligned": aligned}
         same = attempt(failures, "tp_same", tp_same_channels, train, x1, removed, unmapped)
         if same is not None:
             forms["tp_same"] = same
@@ -266,6 +273,7 @@ def onnx_timings(name: str, train: nn.Module, x: Tensor, forms: dict[str, nn.Mod
         models = {
             "unpruned": convert(train, x, list(ONNX_UNPRUNED), check=False).fused,
             "pruned": convert(train, x, list(ONNX_PRUNED), check=False).fused,
+            "aligned": convert(train, x, list(ONNX_ALIGNED), check=False).fused,
         }
         if "tp_same" in forms:
             models["tp_same"] = forms["tp_same"]
@@ -298,18 +306,20 @@ def render(records: list[dict], args: argparse.Namespace, command: str, wall_s: 
            f"{wall_s / 60:.1f} min; {args.repeat} interleaved rounds after {args.warmup} "
            "warm-up rounds.", "",
            "### What prune_dead removes (batch 1 MACs, FlopCounterMode)", "",
-           "| model | channels unpruned → pruned | heads removed | MACs unpruned | MACs pruned "
-           "| pruned/unpruned | error pruned (f32) |",
+           "| model | channels unpruned → pruned (×8) | heads removed | MACs unpruned | MACs "
+           "pruned | pruned/unpruned (×8) | error pruned (f32) |",
            "|---|---|---|---|---|---|---|"]
     for r in records:
         c, m = r["channels"], r["macs"]
-        out.append(f"| {r['model']} | {c['unpruned']} → {c['pruned']} | {r['heads_removed']} "
-                   f"| {m['unpruned']:,} | {m['pruned']:,} | "
-                   f"{_ratio(m['pruned'], m['unpruned'])} | {r['error']['pruned']:.1e} |")
+        out.append(f"| {r['model']} | {c['unpruned']} → {c['pruned']} ({c['aligned']}) | "
+                   f"{r['heads_removed']} | {m['unpruned']:,} | {m['pruned']:,} | "
+                   f"{_ratio(m['pruned'], m['unpruned'])} "
+                   f"({_ratio(m['aligned'], m['unpruned'])}) | {r['error']['pruned']:.1e} |")
     out += ["", "### Latency (median ms; ratio of medians, and of minimums) before and after, "
             "same run, interleaved", "",
             "| model | batch | eager unpruned | eager pruned | ratio (min) | ORT unpruned "
-            "| ORT pruned | ratio (min) |", "|---|---|---|---|---|---|---|---|"]
+            "| ORT pruned | ratio (min) | ORT pruned ×8 | ratio (min) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         for batch, eager in r["eager"].items():
             low = r.get("eager_min", {}).get(batch, {})
@@ -321,7 +331,10 @@ def render(records: list[dict], args: argparse.Namespace, command: str, wall_s: 
                        f"({_ratio(low.get('pruned'), low.get('unpruned'))}) | "
                        f"{_ms(ort.get('unpruned'))} | {_ms(ort.get('pruned'))} | "
                        f"{_ratio(ort.get('pruned'), ort.get('unpruned'))} "
-                       f"({_ratio(ort_low.get('pruned'), ort_low.get('unpruned'))}) |")
+                       f"({_ratio(ort_low.get('pruned'), ort_low.get('unpruned'))}) | "
+                       f"{_ms(ort.get('aligned'))} | "
+                       f"{_ratio(ort.get('aligned'), ort.get('unpruned'))} "
+                       f"({_ratio(ort_low.get('aligned'), ort_low.get('unpruned'))}) |")
     out += ["", "### Next to Torch-Pruning (error vs the float64 train form; MACs at batch 1)",
             "", "| model | form | channels | MACs | error | eager ms (batch 1) |",
             "|---|---|---|---|---|---|"]

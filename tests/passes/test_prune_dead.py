@@ -29,7 +29,7 @@ import repfuse
 from repfuse.cost import graph_cost
 from repfuse.models import randomize_bn_stats
 from repfuse.models.attention import SelfAttention
-from repfuse.passes import prune_dead, run_pipeline
+from repfuse.passes import PruneDead, prune_dead, run_passes, run_pipeline
 
 F64 = torch.float64
 
@@ -123,6 +123,47 @@ def test_a_constant_passes_a_global_pool_into_the_linear_head(dtype) -> None:
     assert result.counts() == {"prune_dead": 1}
     assert gm.get_submodule("conv").out_channels == 4 and gm.get_submodule("fc").in_features == 4
     assert graph_cost(gm).macs == conv_macs(2, 4, 4, 3, 6, 6) + 2 * 4 * 3
+
+
+class Upsampling(nn.Module):
+    """A transposed conv whose output channel 1 has an all-zero filter, read by a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 5, 2, stride=2)
+        self.reader = nn.Conv2d(5, 3, 1)
+        with torch.no_grad():
+            self.up.weight[:, 1] = 0  # (C_in, C_out, k, k): column 1 writes output 1
+            self.up.bias[1] = 0.8
+
+    def forward(self, x):
+        return self.reader(F.silu(self.up(x)))
+
+
+@DTYPES
+def test_a_dead_output_of_a_transposed_conv_folds_into_its_reader(dtype) -> None:
+    gm, result = fuse_checked(Upsampling(), random_input((2, 4, 3, 3)), prune_dead, dtype)
+
+    assert result.counts() == {"prune_dead": 1}
+    up = gm.get_submodule("up")
+    assert isinstance(up, nn.ConvTranspose2d) and up.out_channels == 4
+    assert gm.get_submodule("reader").in_channels == 4
+
+
+@DTYPES
+def test_widths_kept_a_multiple_of_eight_when_asked(dtype) -> None:
+    """Nine dead filters of 32: 23 channels would be left; with ``multiple_of=8``, 24."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 4, 1))
+    dead_rows(model[0], list(range(0, 27, 3)), [0.5] * 9)
+    run = PruneDead(multiple_of=8)
+
+    gm, result = fuse_checked(model, random_input((2, 3, 6, 6)),
+                              lambda g: run_passes(g, [run]), dtype)
+
+    assert gm.get_submodule("0").out_channels == 24 and gm.get_submodule("2").in_channels == 24
+    [decline] = result.declined
+    assert decline.reason == ("channel 0 of '0' (Conv2d) stays: kept so that '0' (Conv2d) keeps "
+                              "a multiple of 8 channels (faster kernels)")
 
 
 class Ignored(nn.Module):
