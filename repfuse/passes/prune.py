@@ -280,12 +280,13 @@ def _align_widths(gm: GraphModule, plan: _Plan, multiple: int) -> None:
     Keeping a channel is always exact. It can pay: onnxruntime's CPU convs work on blocks of
     8 or 16 channels, and a conv of 49 channels runs about as slow as one of 64.
     """
+    region = plan.region
+    # the tensors conv/linear layers write and read (not, e.g., a tensor of 4 attention heads)
+    widths = [*region.producers, *(r.view.input for r in region.readers.values())]
     changed = True
     while changed:
         changed = False
-        for node, layout in plan.region.layouts.items():
-            if len(layout) != 1:
-                continue
+        for node in dict.fromkeys(widths):
             classes = plan.classes[node]
             gone = [k for k in classes if k in plan.removable]
             if not gone:
