@@ -355,16 +355,10 @@ class Rewriter:
     ) -> Rewrite:
         """Replace ``node`` by a new buffer holding ``value`` (read with ``get_attr``), or by
         ``parameter`` when given (a weight computed from weights is still a weight)."""
-        name, n = "_repfuse_constant", 0
-        while hasattr(self.gm, f"{name}{n}"):
-            n += 1
-        target = f"{name}{n}"
         cost_before = node_cost(self.gm, node)
         with self._mutation():
-            if parameter is not None:
-                self.gm.register_parameter(target, parameter)
-            else:
-                self.gm.register_buffer(target, value)
+            target = self.add_constant(parameter if parameter is not None else value,
+                                       parameter=parameter is not None)
             with self.gm.graph.inserting_before(node):
                 new = self.gm.graph.get_attr(target)
             self.index.on_create(new)
@@ -429,49 +423,33 @@ class Rewriter:
         detail: str = "",
     ) -> Rewrite:
         """Recompute the region ``nodes`` (graph order) with copies, each node of ``layers``
-        computed instead by a new module, and delete the originals.
+        computed instead by a new module, and delete the originals (:meth:`replace_many`).
 
         ``layers[node] = (module, module_path, data)``: the copy of ``node`` calls ``module``
-        (placed at ``module_path`` as in :meth:`replace_with_module`) on the copy of ``data``.
+        (placed at ``module_path`` as by :meth:`place_module`) on the copy of ``data``.
         ``roots`` are the region's nodes read from outside it; only their copies must compute
         the same values (they stand for the originals), the values inside the region may
         differ (e.g. channels rescaled by cross-layer equalization). Every other node of the
-        region must be read only inside it. Copies keep their originals' metadata, so each
-        still names the original modules it stands for.
+        region must be read only inside it, but for reads of its shape (a copy has it too).
         """
         region = list(nodes)
-        inside = set(region)
-        cost_before = nodes_cost(self.gm, region)
-        targets = {node: self._place_module(path, module, region)
-                   for node, (module, path, _) in layers.items()}
         copies: dict[Node, Node] = {}
-        for node in region:
-            with self.gm.graph.inserting_before(node):
+
+        def copy_of(node: Node) -> Callable[[], Node]:
+            def build() -> Node:
                 if node in layers:
-                    data = layers[node][2]
-                    new = self.gm.graph.call_module(targets[node], (copies.get(data, data),))
+                    module, path, data = layers[node]
+                    target = self.place_module(path, module, region)
+                    new = self.gm.graph.call_module(target, (copies.get(data, data),))
                     new.meta = dict(node.meta)
-                else:
-                    new = self.gm.graph.node_copy(node, lambda n: copies.get(n, n))
-            copies[node] = new
-            self.index.on_create(new)
-        created = list(copies.values())
-        last = roots[-1]
-        record = Rewrite(pass_name, copies[last].name, tuple(n.name for n in region),
-                         _merge_paths(origin_paths_of(n) for n in region),
-                         module=targets.get(last), detail=detail, cost_before=cost_before,
-                         cost_after=nodes_cost(self.gm, created),
-                         stands_for=tuple((r.name, copies[r].name) for r in roots))
-        for root in roots:
-            root.replace_all_uses_with(copies[root], delete_user_cb=lambda u: u not in inside)
-        for node in region:  # a copy has its original's shape: reads of it move there
-            for reader in metadata_readers(node):
-                if reader not in inside:
-                    reader.replace_input_with(node, copies[node])
-        self._erase(region)
-        self.rewrites.append(record)
-        self.touched.extend(created)
-        return record
+                else:  # its arguments already name the copies made before it
+                    new = self.gm.graph.node_copy(node)
+                copies[node] = new
+                return new
+            return build
+
+        return self.replace_many(pass_name, changes=[(n, copy_of(n)) for n in region],
+                                 detail=detail, standing=roots)
 
     def replace_many(
         self,
@@ -483,6 +461,7 @@ class Rewriter:
         detail: str = "",
         exact: bool = True,
         cost_before: NodeCost | None = None,
+        standing: Sequence[Node] | None = None,
     ) -> Rewrite:
         """Replace several nodes at once and give others new shape metadata, as one rewrite:
         a change made everywhere or nowhere, e.g. a channel removed from the layers that write
@@ -496,43 +475,53 @@ class Rewriter:
         ones and go too. Each new node records its own origin (the node it replaced); the
         returned record covers them all. ``cost_before`` replaces the estimate from the
         replaced nodes (for an op the cost model does not price, e.g. a whole attention).
+        ``standing`` names the replaced nodes whose replacements compute the same values (the
+        verifier compares them); by default, those whose shape did not change.
         """
         resized = dict(resized or {})
         if cost_before is None:
             cost_before = nodes_cost(self.gm, [*(old for old, _ in changes), *erased, *resized])
         pairs: list[tuple[Node, Node, list[Node]]] = []
-        for old, build in changes:
-            anchor = old.prev
-            with self.gm.graph.inserting_before(old):
-                new = build()
-            created = _between(anchor, old)
-            for node in created:
-                self.index.on_create(node)
-            pairs.append((old, new, created))
-            old.replace_all_uses_with(new)
-        for node, meta in resized.items():
-            node.meta["tensor_meta"] = meta
-        created_all = [n for _, _, created in pairs for n in created]
-        olds = [old for old, _, _ in pairs]
-        main = pairs[0][1]
-        gone = [*olds, *erased]
-        stands_for = tuple((old.name, new.name) for old, new, _ in pairs
-                           if _same_shape(old, new))
-        record = Rewrite(
-            pass_name, main.name, tuple(n.name for n in gone),
-            _merge_paths(origin_paths_of(n) for n in gone),
-            module=main.target if main.op == "call_module" else None, exact=exact,
-            detail=detail, cost_before=cost_before,
-            cost_after=nodes_cost(self.gm, [*created_all, *resized]), stands_for=stands_for,
-        )
-        for old, new, created in pairs:
-            own = replace(record, node=new.name, replaced=(old.name,),
-                          module_paths=origin_paths_of(old),
-                          module=new.target if new.op == "call_module" else None,
-                          stands_for=((old.name, new.name),) if _same_shape(old, new) else ())
-            for node in created:
-                node.meta[META_KEY] = own
-        self._erase(gone)
+        with self._mutation():
+            for old, build in changes:
+                anchor = old.prev
+                with self.gm.graph.inserting_before(old):
+                    new = build()
+                created = _between(anchor, old)
+                for node in created:
+                    self.index.on_create(node)
+                pairs.append((old, new, created))
+                old.replace_all_uses_with(new)
+            for node, meta in resized.items():
+                node.meta["tensor_meta"] = meta
+            news = {old: new for old, new, _ in pairs}
+            standing_set = set(standing) if standing is not None else None
+
+            def stands(old: Node) -> bool:
+                if standing_set is not None:
+                    return old in standing_set
+                return _same_shape(old, news[old])
+
+            created_all = [n for _, _, created in pairs for n in created]
+            main = pairs[0][1]
+            gone = [*news, *erased]
+            record = Rewrite(
+                pass_name, main.name, tuple(n.name for n in gone),
+                _merge_paths(origin_paths_of(n) for n in gone),
+                module=main.target if main.op == "call_module" else None, exact=exact,
+                detail=detail, cost_before=cost_before,
+                cost_after=nodes_cost(self.gm, [*created_all, *resized]),
+                stands_for=tuple((old.name, new.name) for old, new in news.items()
+                                 if stands(old)),
+            )
+            for old, new, created in pairs:
+                own = replace(record, node=new.name, replaced=(old.name,),
+                              module_paths=origin_paths_of(old),
+                              module=new.target if new.op == "call_module" else None,
+                              stands_for=((old.name, new.name),) if stands(old) else ())
+                for node in created:
+                    node.meta[META_KEY] = own
+            self._erase(gone)
         self.rewrites.append(record)
         self.touched.extend([*created_all, *resized])
         return record
@@ -541,10 +530,12 @@ class Rewriter:
         """Add ``module`` at ``path`` when nothing is there or only ``replaced`` use the module
         there (and its submodules and tensors), else at a fresh path derived from it; returns
         the path to call."""
-        parent = path.rpartition(".")[0]
-        free = path and not _path_exists(self.gm, path) and (
-            not parent or _path_exists(self.gm, parent))
+        parent, _, name = path.rpartition(".")
+        owner = self.gm.get_submodule(parent) if parent and _path_exists(self.gm, parent) else (
+            None if parent else self.gm)
+        free = bool(path) and owner is not None and not hasattr(owner, name)
         if free or (path and _path_exists(self.gm, path) and self._only_used_by(path, replaced)):
+            module.train(self.gm.training)  # a new layer is born in training mode
             self.gm.add_submodule(path, module)
             return path
         return self._place_module(path, module, replaced)
@@ -564,14 +555,16 @@ class Rewriter:
                    for t in (*held.parameters(), *held.buffers()))
 
     def add_constant(self, value: Tensor, parameter: bool = False) -> str:
-        """Register ``value`` on the graph module as a new buffer (or frozen parameter) and
-        return its name, for a ``get_attr`` node."""
+        """Register ``value`` on the graph module as a new buffer (or parameter: ``value``
+        itself if it is one, else a frozen one) and return its name, for a ``get_attr``."""
         name, n = "_repfuse_constant", 0
         while hasattr(self.gm, f"{name}{n}"):
             n += 1
         target = f"{name}{n}"
         if parameter:
-            self.gm.register_parameter(target, nn.Parameter(value, requires_grad=False))
+            if not isinstance(value, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=False)
+            self.gm.register_parameter(target, value)
         else:
             self.gm.register_buffer(target, value)
         return target
