@@ -815,3 +815,19 @@ def replay(gm: GraphModule, chain: list[Node], data: Node) -> Node:
                 copied.meta[key] = node.meta[key]
         current = copied
     return current
+
+
+_CONCATS = {torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default}
+
+
+def channel_concat(gm: GraphModule, node: Node) -> list[Any] | None:
+    """The items of ``node`` if it concatenates ``N×C×…`` tensors along the channel axis 1."""
+    if node.op != "call_function" or node.target not in _CONCATS:
+        return None
+    args = bind_args(node, ("tensors", "dim"), {"dim": 0})
+    items, dim, shape = args["tensors"], args["dim"], shape_of(node)
+    if not isinstance(items, (list, tuple)) or shape is None or len(shape) < 2:
+        return None
+    if not isinstance(dim, int) or dim % len(shape) != 1:
+        return None
+    return list(items)

@@ -26,16 +26,18 @@ consuming layer. Where ``P`` mixes the channel axis with others, the map stays, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch.fx import GraphModule, Node
 
-from repfuse.algebra import fold_affine_into_input, fold_affine_into_output
+from repfuse.algebra import ChannelAffine, fold_affine_into_input, fold_affine_into_output
 from repfuse.graph import LayerView, describe, layer_view, other_users, shape_of, sole_user
 from repfuse.lift import (
     AffineOp,
     batchnorm_op,
+    channel_concat,
     is_layout,
     layout_chain,
     map_axis_through,
@@ -71,6 +73,8 @@ class _FoldChannelAffine(Pass):
         chain = _layout_before(op.input)
         source = chain[0].args[0] if chain else op.input
         layer = layer_view(gm, source)
+        if layer is None and not chain and channel_concat(gm, source) is not None:
+            return self._into_concatenated(op, source, rewriter)
         if layer is None:
             return f"{describe(source, gm)} is not a conv/linear layer with constant weights"
         reader = chain[0] if chain else op.node
@@ -101,6 +105,55 @@ class _FoldChannelAffine(Pass):
             detail=f"{op.label} folded into {describe(layer.node, gm)}{_across(chain, gm)}",
             wrap=wrap if chain else None, same_shape_as_new=layer.node,
         )
+
+    def _into_concatenated(self, op: AffineOp, cat: Node, rewriter: Rewriter) -> Rewrite | str:
+        """``a(cat([L_1(x_1), …, L_n(x_n)]))`` on the channel axis is
+        ``cat([a_1(L_1(x_1)), …])`` with ``a_i`` the channels of ``a`` that ``L_i`` writes, and
+        each ``a_i`` folds into its layer: one rewrite for all (MixNet's mixed convs)."""
+        gm = rewriter.gm
+        items = channel_concat(gm, cat)
+        if sole_user(cat) is not op.node:
+            return other_users(gm, cat, op.node)
+        layers = []
+        for item in items:
+            layer = layer_view(gm, item) if isinstance(item, Node) else None
+            if layer is None:
+                return (f"{describe(cat, gm)} concatenates {describe(item, gm)}, which is not a "
+                        "conv/linear layer with constant weights")
+            if sole_user(layer.node) is not cat or layer.kind == "linear":
+                return (f"{describe(cat, gm)} concatenates {describe(item, gm)}, which is read "
+                        "elsewhere too or is a linear layer")
+            shared = rewriter.index.shared_reason(gm, layer)
+            if shared:
+                return shared
+            layers.append(layer)
+        whole = op.along(1, shape_of(op.input), sum(v.out_channels for v in layers))
+        if isinstance(whole, str):
+            return whole
+        offsets = [0]
+        for layer in layers:
+            offsets.append(offsets[-1] + layer.out_channels)
+
+        def folded(layer: LayerView, start: int, stop: int) -> Callable[[], Node]:
+            def build() -> Node:
+                part = ChannelAffine(whole.scale[start:stop], whole.shift[start:stop])
+                weight, bias = fold_affine_into_output(
+                    layer.weight, layer.bias, part, groups=layer.groups,
+                    transposed=layer.kind == "conv_transpose")
+                path = rewriter.place_module(layer.module_path or layer.origin_paths()[0],
+                                             layer.build(weight, bias), [layer.node])
+                new = gm.graph.call_module(path, (layer.input,))
+                new.meta["tensor_meta"] = layer.node.meta.get("tensor_meta")
+                return new
+            return build
+
+        changes = [(layer.node, folded(layer, start, stop))
+                   for layer, start, stop in zip(layers, offsets, offsets[1:], strict=False)]
+        changes.append((op.node, lambda: cat))
+        names = ", ".join(describe(v.node, gm) for v in layers)
+        return rewriter.replace_many(
+            self.name, changes=changes, standing=[op.node],
+            detail=f"{op.label} split along {describe(cat, gm)} and folded into {names}")
 
     def _into_consumer(self, op: AffineOp, rewriter: Rewriter) -> Rewrite | str:
         gm = rewriter.gm

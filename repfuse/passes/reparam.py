@@ -41,7 +41,6 @@ from repfuse.algebra import (
 )
 from repfuse.cost import layer_cost, nodes_cost, pays
 from repfuse.graph import (
-    bind_args,
     describe,
     layer_view,
     meta_with_size,
@@ -58,6 +57,7 @@ from repfuse.lift import (
     avgpool_of,
     border_fill,
     branch_of,
+    channel_concat,
     identity_for,
     is_sum,
     kernel_area,
@@ -76,7 +76,6 @@ from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 # --- the sum and concat merge pass -----------------------------------------------------------
 
-_CATS = {torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default}
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,9 @@ class MergeBranches(Pass):
             if root is not node and root in rewriter.pending:
                 return None  # the tree's outermost add is still to come and merges it all
             return self._merge_sum(root, rewriter)
-        if node.op == "call_function" and node.target in _CATS:
-            return self._merge_concat(node, rewriter)
+        items = channel_concat(rewriter.gm, node)
+        if items is not None:
+            return self._merge_concat(node, items, rewriter)
         return None
 
     def _merge_sum(self, root: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
@@ -139,14 +139,11 @@ class MergeBranches(Pass):
         return self._rewrite(rewriter, root, [b for b, _ in group], adds, merged,
                              _add_terms(gm, root, rest), f"sum of {len(group)} branches {names}")
 
-    def _merge_concat(self, cat: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
+    def _merge_concat(self, cat: Node, items: list, rewriter: Rewriter
+                      ) -> Rewrite | Decline | None:
         gm = rewriter.gm
-        args = bind_args(cat, ("tensors", "dim"), {"dim": 0})
-        items, dim = args["tensors"], args["dim"]
         shape = shape_of(cat)
-        if not isinstance(items, (list, tuple)) or shape is None or len(shape) < 3:
-            return None
-        if not isinstance(dim, int) or dim % len(shape) != 1:  # a computed dim stays
+        if len(shape) < 3:
             return None
         branches = [
             branch_of(gm, item, cat) if isinstance(item, Node) else None for item in items

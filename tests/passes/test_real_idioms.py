@@ -558,3 +558,46 @@ def test_layers_a_rewrite_creates_are_in_the_graphs_mode() -> None:
     gm, _ = fuse_checked(randomize_bn(ConvCheckedBN()), rand((1, 3, 5, 5)))
     assert not gm.training
     assert all(not m.training for m in gm.modules())
+
+
+class MixedConvBN(nn.Module):
+    """MixNet's mixed depthwise conv: channel groups convolved with different kernel sizes,
+    concatenated, then one BatchNorm over all of them."""
+
+    def __init__(self, splits=(3, 2, 3)) -> None:
+        super().__init__()
+        self.splits = list(splits)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c, c, 2 * i + 3, padding=i + 1, groups=c, bias=False)
+            for i, c in enumerate(splits))
+        self.bn = nn.BatchNorm2d(sum(splits))
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        return torch.relu(self.bn(torch.cat([c(p) for c, p in zip(self.convs, parts,
+                                                                    strict=True)], 1)))
+
+
+@DTYPES
+def test_batchnorm_after_a_channel_concat_of_convs_folds_into_each(dtype) -> None:
+    model = randomize_bn(MixedConvBN())
+    gm, result = fuse_checked(model, rand((2, 8, 7, 7)), dtype=dtype)
+    assert modules_of(gm, nn.BatchNorm2d) == []
+    assert sorted(modules_of(gm, nn.Conv2d)) == ["convs.0", "convs.1", "convs.2"]
+    assert result.counts()["fold_batchnorm"] == 1
+
+
+class ConcatWithInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.conv(x), x], 1))
+
+
+def test_batchnorm_after_a_concat_with_a_non_layer_stays() -> None:
+    result, _ = check_unchanged(randomize_bn(ConcatWithInput()), (2, 3, 5, 5), fold_batchnorm)
+    (decline,) = result.declined
+    assert "concatenates 'x', which is not a conv/linear layer" in decline.reason
