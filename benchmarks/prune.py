@@ -121,7 +121,7 @@ def removed_channels(train: nn.Module, x: Tensor) -> tuple[dict[str, list[int]],
     """Per conv/linear path of the train form, the output channels ``prune_dead`` removes
     (read from the pruned graph's record of the original channel numbers), and the pruned
     layers that have no such path (an attention module rewritten into its projections)."""
-    gm = convert(train, x, list(ONNX_PRUNED), check=False).fused
+    gm = convert(train, x, passes=list(ONNX_PRUNED), verify=None).fused
     removed, unmapped = {}, []
     modules = dict(train.named_modules())
     for node in gm.graph.nodes:
@@ -226,9 +226,9 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path | None,
     failures: dict[str, str] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        unpruned = convert(train, x1, list(UNPRUNED), check=False).fused
-        pruned = convert(train, x1, list(DEFAULT_PIPELINE), check=False).fused
-        aligned = convert(train, x1, list(ALIGNED), check=False).fused
+        unpruned = convert(train, x1, passes=list(UNPRUNED), verify=None).fused
+        pruned = convert(train, x1, passes=list(DEFAULT_PIPELINE), verify=None).fused
+        aligned = convert(train, x1, passes=list(ALIGNED), verify=None).fused
         removed, unmapped = removed_channels(train, x1)
         forms: dict[str, nn.Module] = {"train": train, "unpruned": unpruned, "pruned": pruned,
                                        "aligned": aligned}
@@ -271,9 +271,9 @@ def onnx_timings(name: str, train: nn.Module, x: Tensor, forms: dict[str, nn.Mod
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models = {
-            "unpruned": convert(train, x, list(ONNX_UNPRUNED), check=False).fused,
-            "pruned": convert(train, x, list(ONNX_PRUNED), check=False).fused,
-            "aligned": convert(train, x, list(ONNX_ALIGNED), check=False).fused,
+            "unpruned": convert(train, x, passes=list(ONNX_UNPRUNED), verify=None).fused,
+            "pruned": convert(train, x, passes=list(ONNX_PRUNED), verify=None).fused,
+            "aligned": convert(train, x, passes=list(ONNX_ALIGNED), verify=None).fused,
         }
         if "tp_same" in forms:
             models["tp_same"] = forms["tp_same"]
