@@ -1,9 +1,12 @@
 """Small views over torch.fx nodes, so passes read like their descriptions.
 
 A *layer view* normalizes the different spellings of one operation into one record: a conv may
-be an ``nn.Conv2d`` call, ``F.conv2d(x, self.w, ...)`` or ``aten.conv2d`` in an exported
-program; a batch norm may be ``nn.BatchNorm2d``, ``F.batch_norm`` or ``aten.batch_norm``. Views
-are read-only; rewrites build new modules from them (:meth:`LayerView.build`).
+be an ``nn.Conv2d`` call, ``F.conv2d(x, self.w, ...)``, or in an exported program
+``aten.conv2d`` (training IR) or ``aten.convolution`` (inference IR, after
+``run_decompositions``); a linear layer may also be ``addmm(b, x, Wᵀ)``; a batch norm may be
+``nn.BatchNorm2d``, ``F.batch_norm``, ``aten.batch_norm`` or the first result of
+``aten._native_batch_norm_legit_no_training``. Views are read-only; rewrites build new modules
+from them (:meth:`LayerView.build`).
 
 :class:`UseIndex` answers "is this module or parameter used anywhere else?" in O(1), kept up to
 date by the rewriter, so the pipeline stays linear in the graph size.
@@ -60,6 +63,13 @@ _FUNCTIONAL_LAYERS: dict[Any, tuple[str, int, tuple[str, ...]]] = {
 }
 _LAYER_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
                    "output_padding": 0}
+# The inference IR's one convolution op; ``transposed`` says which kind it is.
+_CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups")
+# A linear layer as the inference IR decomposes it: ``addmm(b, x, Wᵀ)`` or ``mm(x, Wᵀ)``.
+_MATMUL_ARGS = {aten.addmm.default: ("bias", "input", "weight_t"),
+                aten.mm.default: ("input", "weight_t")}
+_TRANSPOSES_2D = {aten.t.default, aten.permute.default, aten.transpose.int}
 
 _BN_FUNCTIONAL_ARGS = {
     F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training",
@@ -68,6 +78,15 @@ _BN_FUNCTIONAL_ARGS = {
                               "training", "momentum", "eps", "cudnn_enabled"),
 }
 _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+# Batch norms of the inference IR: a tuple (output, mean, rstd) whose output is read through
+# ``operator.getitem(bn, 0)``; the view's node is that getitem.
+_BN_TUPLE_ARGS = {
+    aten._native_batch_norm_legit_no_training.default: ("input", "weight", "bias",
+                                                         "running_mean", "running_var",
+                                                         "momentum", "eps"),
+    aten.native_batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var",
+                                     "training", "momentum", "eps"),
+}
 # BatchNorm modules (and subclasses) whose forward is BatchNorm's own: SyncBatchNorm in eval
 # mode is a BatchNorm too.
 _BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
@@ -274,10 +293,21 @@ def layer_view(gm: GraphModule, node: Node) -> LayerView | None:
             padding_mode=getattr(module, "padding_mode", "zeros"),
             module_path=node.target, attr_nodes=(),
         )
-    if node.op != "call_function" or node.target not in _FUNCTIONAL_LAYERS:
+    if node.op != "call_function":
         return None
-    kind, dims, names = _FUNCTIONAL_LAYERS[node.target]
-    args = bind_args(node, names, _LAYER_DEFAULTS)
+    if node.target in _MATMUL_ARGS:
+        return _matmul_view(gm, node)
+    if node.target is aten.convolution.default:
+        args = bind_args(node, _CONVOLUTION_ARGS, _LAYER_DEFAULTS)
+        if not isinstance(args["transposed"], bool) or not _is_attr(args["weight"]):
+            return None
+        kind = "conv_transpose" if args["transposed"] else "conv"
+        dims = fetch_attr(gm, args["weight"].target).dim() - 2
+    elif node.target in _FUNCTIONAL_LAYERS:
+        kind, dims, names = _FUNCTIONAL_LAYERS[node.target]
+        args = bind_args(node, names, _LAYER_DEFAULTS)
+    else:
+        return None
     weight_node, bias_node, data = args["weight"], args["bias"], args["input"]
     if not isinstance(data, Node) or not _is_attr(weight_node):
         return None  # weights computed at run time (dynamic conv): not a constant layer
@@ -302,6 +332,43 @@ def layer_view(gm: GraphModule, node: Node) -> LayerView | None:
     )
 
 
+def _matmul_view(gm: GraphModule, node: Node) -> LayerView | None:
+    """``addmm(b, x, Wᵀ)`` or ``mm(x, Wᵀ)`` as the linear layer ``x·Wᵀ + b``.
+
+    ``Wᵀ`` is a constant, or a transpose of one (what ``run_decompositions`` writes for
+    ``nn.Linear``); ``b`` must be one bias per output (``addmm`` would also broadcast a matrix).
+    """
+    args = bind_args(node, _MATMUL_ARGS[node.target], {"bias": None, "beta": 1, "alpha": 1})
+    data, bias_node, weight_t = args["input"], args["bias"], args["weight_t"]
+    if args["beta"] != 1 or args["alpha"] != 1 or not isinstance(data, Node):
+        return None
+    if bias_node is not None and not _is_attr(bias_node):
+        return None
+    if _is_attr(weight_t):
+        weight_node, weight = weight_t, fetch_attr(gm, weight_t.target)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            return None
+        weight = weight.t()
+    elif (isinstance(weight_t, Node) and weight_t.op == "call_function"
+          and weight_t.target in _TRANSPOSES_2D and _is_attr(weight_t.args[0])
+          and list(weight_t.args[1:]) in ([], [[1, 0]], [0, 1], [1, 0])):
+        weight_node = weight_t.args[0]
+        weight = fetch_attr(gm, weight_node.target)
+    else:
+        return None
+    bias = None if bias_node is None else fetch_attr(gm, bias_node.target)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        return None
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:1]):
+        return None
+    attr_nodes = tuple(n for n in (weight_node, bias_node) if n is not None)
+    return LayerView(
+        node=node, kind="linear", spatial_dims=0, input=data, weight=weight, bias=bias,
+        stride=(), padding=(), dilation=(), groups=1, output_padding=(), padding_mode="zeros",
+        module_path=None, attr_nodes=attr_nodes,
+    )
+
+
 def origin_paths_of(node: Node) -> tuple[str, ...]:
     """The original module paths a node stands for (through earlier rewrites)."""
     record = node.meta.get(META_KEY)
@@ -311,6 +378,9 @@ def origin_paths_of(node: Node) -> tuple[str, ...]:
         return (node.target,)
     if node.op == "get_attr":
         return (owner_path(node.target) or node.target,)
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(
+            node.args[0], Node):
+        return origin_paths_of(node.args[0])  # an item of a result: what computed it
     # A functional op stands for the modules whose weights it reads.
     return _paths_of_attrs(n for n in node.all_input_nodes if n.op == "get_attr")
 
@@ -331,7 +401,9 @@ def _is_attr(arg: Any) -> bool:
 
 @dataclass(frozen=True)
 class BatchNormView:
-    """A batch norm call: module ``nn.BatchNorm*d`` or ``F.batch_norm``/``aten.batch_norm``."""
+    """A batch norm call: module ``nn.BatchNorm*d`` or ``F.batch_norm``/``aten.batch_norm``,
+    or ``getitem(bn, 0)`` of an inference-IR batch norm ``bn`` (then ``node`` is the getitem
+    and ``input`` the input of ``bn``; see :func:`data_users`)."""
 
     node: Node
     input: Node
@@ -365,9 +437,18 @@ def batchnorm_view(gm: GraphModule, node: Node) -> BatchNormView | None:
             running_var=module.running_var, weight=module.weight, bias=module.bias,
             eps=module.eps, training=module.training, module_path=node.target, attr_nodes=(),
         )
-    if node.op != "call_function" or node.target not in _BN_FUNCTIONAL_ARGS:
+    if node.op != "call_function":
         return None
-    args = bind_args(node, _BN_FUNCTIONAL_ARGS[node.target], _BN_DEFAULTS)
+    if node.target is operator.getitem:
+        source, index = node.args
+        if (index != 0 or not isinstance(source, Node) or source.op != "call_function"
+                or source.target not in _BN_TUPLE_ARGS or len(source.users) != 1):
+            return None  # mean and rstd read too: the batch norm cannot go
+        args = bind_args(source, _BN_TUPLE_ARGS[source.target], _BN_DEFAULTS)
+    elif node.target in _BN_FUNCTIONAL_ARGS:
+        args = bind_args(node, _BN_FUNCTIONAL_ARGS[node.target], _BN_DEFAULTS)
+    else:
+        return None
     if not isinstance(args["input"], Node):
         return None
     tensors: dict[str, Tensor | None] = {}
@@ -552,8 +633,25 @@ def mutates(user: Node, node: Node) -> bool:
 
 
 def data_users(node: Node) -> list[Node]:
-    """The nodes that read ``node``'s values (metadata reads such as ``x.shape`` excluded)."""
-    return [u for u in node.users if not reads_metadata_only(u, node)]
+    """The nodes that read ``node``'s values (metadata reads such as ``x.shape`` excluded).
+
+    An op with several results that are read only through one ``getitem`` counts as that
+    getitem: the inference IR's batch norm returns ``(output, mean, rstd)`` and the graph reads
+    ``getitem(bn, 0)``, so the getitem stands for the batch norm (:func:`batchnorm_view`), and
+    a rewrite that removes it leaves the tuple op unread (the rewriter erases it with it).
+    """
+    return [_result_reader(u) for u in node.users if not reads_metadata_only(u, node)]
+
+
+def _result_reader(user: Node) -> Node:
+    """``user``, or the single ``getitem`` through which its several results are read."""
+    if user.op != "call_function" or len(user.users) != 1 or not isinstance(
+            user.target, torch._ops.OpOverload) or len(user.target._schema.returns) < 2:
+        return user
+    item = next(iter(user.users))
+    if item.op == "call_function" and item.target is operator.getitem and item.args[0] is user:
+        return item
+    return user
 
 
 def metadata_readers(node: Node) -> list[Node]:
@@ -567,12 +665,11 @@ def sole_user(node: Node) -> Node | None:
     Reads of its metadata (``x.ndim`` in an assert, ``x.shape`` for a reshape) do not count:
     a rewrite that removes ``node`` moves them to the node standing for it, or declines.
     """
-    users = data_users(node)
+    users = [u for u in node.users if not reads_metadata_only(u, node)]
     if len(users) != 1:
         return None
-    user = users[0]
-    reads = sum(1 for a in _flat_args(user) if a is node)
-    return user if reads == 1 else None
+    reads = sum(1 for a in _flat_args(users[0]) if a is node)
+    return _result_reader(users[0]) if reads == 1 else None
 
 
 def other_users(gm: GraphModule, node: Node, expected: Node | None = None) -> str:
@@ -594,6 +691,10 @@ def _flat_args(node: Node) -> list[Any]:
 _ARITH_FUNCTIONS = {
     operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
     operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+    # exported programs: a Tensor or Scalar second operand (``alpha`` as a keyword of add/sub)
+    aten.add.Tensor: "add", aten.add.Scalar: "add", aten.sub.Tensor: "sub",
+    aten.sub.Scalar: "sub", aten.mul.Tensor: "mul", aten.mul.Scalar: "mul",
+    aten.div.Tensor: "div", aten.div.Scalar: "div",
 }
 _ARITH_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "true_divide": "div"}
 

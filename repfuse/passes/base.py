@@ -617,31 +617,47 @@ class Rewriter:
         return candidate
 
     def _erase(self, nodes: Iterable[Node]) -> None:
-        doomed = list(nodes)
+        """Erase ``nodes`` and what only they read and has no effect of its own (weights,
+        metadata reads, pure aten ops such as an exported batch norm whose output getitem is
+        among ``nodes``), recursively."""
+        doomed = _with_dead_inputs(list(nodes))
         doomed_set = set(doomed)
-        inputs: list[Node] = []
         for node in doomed:
             outside = [u for u in node.users if u not in doomed_set]
             if outside:
                 raise GraphInvariantError(
                     f"cannot erase {node.format_node()}: still used by {outside[0].format_node()}"
                 )
-            inputs.extend(n for n in node.all_input_nodes if n not in doomed_set)
         for node in _users_first(doomed):
             self.gm.graph.erase_node(node)
             self.index.on_erase(node)
             self.erased.add(node)
-        # Weights and metadata reads used only by the erased nodes go with them.
-        pending = list(dict.fromkeys(inputs))
-        while pending:
-            node = pending.pop()
-            if node.users or node in self.erased:
-                continue
-            if node.op == "get_attr" or is_metadata_helper(node):
-                pending.extend(node.all_input_nodes)
-                self.gm.graph.erase_node(node)
-                self.index.on_erase(node)
-                self.erased.add(node)
+
+
+def _with_dead_inputs(doomed: list[Node]) -> list[Node]:
+    """``doomed`` and, recursively, the inputs that only doomed nodes read and that can go
+    unread: ``get_attr`` reads, metadata helpers (``x.shape``) and pure aten ops."""
+    members = set(doomed)
+    pending = [n for node in doomed for n in node.all_input_nodes]
+    while pending:
+        node = pending.pop()
+        if node in members or not _removable_when_unread(node):
+            continue
+        if all(u in members for u in node.users):
+            members.add(node)
+            doomed.append(node)
+            pending.extend(node.all_input_nodes)
+    return doomed
+
+
+def _removable_when_unread(node: Node) -> bool:
+    """True for a node whose only effect is its value: a ``get_attr``, a metadata helper, or
+    an aten op whose schema mutates nothing (``aten.copy_`` and the like stay)."""
+    if node.op == "get_attr" or is_metadata_helper(node):
+        return True
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and not target._schema.is_mutable)
 
 
 def _between(anchor: Node, stop: Node) -> list[Node]:
