@@ -10,6 +10,7 @@ conv (module, ``F.conv*d``, ``aten``)       its kernel (zero padding; ``'same'``
 eval batch norm, ``x * c + d``              a :class:`ChannelAffine`, as a depthwise 1×1
 average pool (counting padding, floor)      a depthwise kernel of weights ``1/Πk``
 symmetric crop ``x[..., c:-c]``             the identity with padding ``−c``
+``aten.slice.Tensor`` cropping one axis     the same, on that axis (:func:`crop_of`)
 zero ``F.pad`` / ``nn.ZeroPad*d``           conv padding (:func:`zero_pad`)
 ``a + b``, ``a − b``, ``torch.add/sub``     a sum of signed terms (:func:`sum_terms`)
 ==========================================  ==================================================
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import GraphModule, Node
 
 from repfuse.algebra import (
@@ -386,9 +388,11 @@ def _lift_pool(gm: GraphModule, pool: AvgPool, shape: tuple[int, ...],
 
 def crop_of(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     """``(input, per-axis crop)`` when ``node`` slices its ``N×C×spatial`` input
-    ``x[:, :, c:-c, ...]`` (or ``x[..., c:-c]``), the same amount from both ends of each
-    spatial axis; a reason instead of the crop for other slices of the spatial axes; None
-    when ``node`` is no such slice."""
+    ``x[:, :, c:-c, ...]`` (or ``x[..., c:-c]``, or an exported ``aten.slice``), the same
+    amount from both ends of each spatial axis; a reason instead of the crop for other slices
+    of the spatial axes; None when ``node`` is no such slice."""
+    if node.op == "call_function" and node.target is torch.ops.aten.slice.Tensor:
+        return _aten_crop(node)
     if node.op != "call_function" or node.target is not operator.getitem:
         return None
     data, index = node.args
@@ -423,6 +427,69 @@ def crop_of(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     if not any(crop):
         return None
     return data, tuple(crop)
+
+
+_SLICE_ARGS = ("input", "dim", "start", "end", "step")
+_SLICE_DEFAULTS = {"dim": 0, "start": None, "end": None, "step": 1}
+
+
+def _aten_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
+    """``aten.slice.Tensor(x, dim, start, end, step)``, one spatial axis, as a crop.
+
+    A negative ``end`` counts from the end and a ``start ≥ 0`` from the start, on any input
+    size. torch.export writes ``x[..., c:x.size(3) - c]`` with the end computed: a positive
+    int, ``size − c`` for the one size it traced. That end is read against the recorded
+    shape only in a program that torch.export specialized to its input shapes (static fake
+    values on its nodes, :func:`shape_specialized`): such a program is defined only on those
+    shapes (``ExportedProgram`` checks its inputs against them), so ``end = size − c`` there
+    and the crop by ``c`` computes the same on every input it accepts. A symbolically traced
+    graph runs on any size, where ``x[..., 1:31]`` crops differently from ``x[..., 1:-1]``.
+    """
+    args = bind_args(node, _SLICE_ARGS, _SLICE_DEFAULTS)
+    data, dim, start, end, step = (args[k] for k in _SLICE_ARGS)
+    shape = shape_of(data)
+    if not isinstance(data, Node) or shape is None or len(shape) < 3 or not isinstance(dim, int):
+        return None
+    axis = dim % len(shape)
+    if axis < 2:
+        return None  # a slice of the batch or channel axis: no convolution
+    if any(isinstance(v, Node) for v in (start, end, step)):
+        return data, "crops by amounts computed at run time"
+    if step != 1:
+        return None  # subsampling, not a crop
+    size = shape[axis]
+    specialized = shape_specialized(node)
+    low = 0 if start is None else start
+    if low < 0:
+        if not specialized:
+            return data, "crops by an amount tied to the input's size, not from both ends"
+        low = max(size + low, 0)
+    if end is None or end >= size and (specialized or end > _INT_MAX_DIV_2):
+        high = 0  # to the end (export writes the open end as the largest int64)
+    elif end < 0:
+        high = -end
+    elif specialized:
+        high = size - end
+    else:
+        return data, "crops by an amount tied to the input's size, not from both ends"
+    if low != high:
+        return data, f"crops {low} and {high} pixels from the two ends of an axis"
+    if not low:
+        return None
+    crop = [0] * (len(shape) - 2)
+    crop[axis - 2] = low
+    return data, tuple(crop)
+
+
+_INT_MAX_DIV_2 = 2**62  # an end beyond any real size: "to the end" on every input
+
+
+def shape_specialized(node: Node) -> bool:
+    """True when ``node`` comes from a program that torch.export specialized to static input
+    shapes: export records the value it traced each node with (``meta['val']``, a fake
+    tensor), and with static shapes every size in it is an int (dynamic sizes are symbols)."""
+    value = node.meta.get("val")
+    return isinstance(value, FakeTensor) and all(type(s) is int for s in value.shape)
 
 
 # --- chains of linear ops back to a shared input --------------------------------------------
