@@ -1,12 +1,13 @@
 """Global average pooling moved in front of the pointwise layers before it (streamline merging).
 
-Global average pooling ``G`` (``AdaptiveAvgPool(1)``, ``x.mean((2, 3))``) commutes with every
-*pointwise* affine map ``P`` (a 1×1, stride-1, unpadded conv; BN; per-channel scale/bias):
-``G(P(x)) = P(G(x))``, since both are linear and ``P`` mixes channels, never pixels. So the head
-``P → G [→ flatten] → Linear`` becomes ``G [→ flatten] → Linear ∘ P``: ``P`` runs on one pixel
-instead of ``H·W``, and composes with the Linear into one Linear
-(:func:`repfuse.algebra.compose`, always exact for a pointwise first map). Without a Linear
-after it, ``P`` becomes a 1×1 conv (or a Linear) on the pooled tensor when that costs less.
+Global average pooling ``G`` (``AdaptiveAvgPool(1)``, ``x.mean((2, 3))``, or their ``aten`` ops
+in an exported program) commutes with every *pointwise* affine map ``P`` (a 1×1, stride-1,
+unpadded conv; BN; per-channel scale/bias): ``G(P(x)) = P(G(x))``, since both are linear and
+``P`` mixes channels, never pixels. So the head ``P → G [→ flatten] → Linear`` becomes
+``G [→ flatten] → Linear ∘ P``: ``P`` runs on one pixel instead of ``H·W``, and composes with the
+Linear into one Linear (:func:`repfuse.algebra.compose`, always exact for a pointwise first
+map). Without a Linear after it, ``P`` becomes a 1×1 conv (or a Linear) on the pooled tensor
+when that costs less.
 
 Not exact, and declined: a k×k or strided conv before the pool (it weighs border pixels less,
 or skips pixels), anything non-linear between.
@@ -25,11 +26,26 @@ from torch.fx import GraphModule, Node
 from repfuse.algebra import Kernel, compose, is_pointwise
 from repfuse.cost import NodeCost, activation_bytes, layer_cost, nodes_cost, pays
 from repfuse.graph import bind_args, describe, layer_view, meta_with_size, shape_of, sole_user
-from repfuse.lift import LinearStep, kernel_module, lift, linear_kernel, linear_module
+from repfuse.lift import (
+    LinearStep,
+    kernel_module,
+    lift,
+    linear_kernel,
+    linear_module,
+    shape_specialized,
+)
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
+aten = torch.ops.aten
 _ADAPTIVE_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_ADAPTIVE_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+_ADAPTIVE_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                       aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+                       aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default,
+                       aten._adaptive_avg_pool3d.default)
+_MEANS = (torch.mean, aten.mean.dim)
+_FLATTENS = (torch.flatten, aten.flatten.using_ints)
+# What an exported program writes for ``flatten(1)`` of ``N×C×1×1``: a view to ``[N, C]``.
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def _all_ones(size) -> bool:
@@ -48,7 +64,7 @@ def global_pool_input(gm: GraphModule, node: Node) -> Node | None:
         args = bind_args(node, ("input", "output_size"), {})
         data = args["input"] if _all_ones(args.get("output_size")) else None
     elif (node.op == "call_method" and node.target == "mean") or (
-        node.op == "call_function" and node.target is torch.mean
+        node.op == "call_function" and node.target in _MEANS
     ):
         args = bind_args(node, ("input", "dim", "keepdim", "dtype"),
                          {"dim": None, "keepdim": False, "dtype": None})
@@ -67,22 +83,31 @@ def global_pool_input(gm: GraphModule, node: Node) -> Node | None:
 
 
 def _flatten_of(gm: GraphModule, node: Node) -> Node | None:
-    """The sole user of ``node`` if it flattens ``N×C×1…1`` to ``N×C``."""
+    """The sole user of ``node`` if it flattens ``N×C×1…1`` to ``N×C``.
+
+    In a program that torch.export specialized to its input shapes, a view to the recorded
+    ``[N, C]`` is that flatten on every input the program accepts
+    (:func:`repfuse.lift.shape_specialized`).
+    """
     user = sole_user(node)
-    if user is None:
+    if user is None or not user.args or user.args[0] is not node:
+        return None
+    shape = shape_of(user)
+    if shape is None or len(shape) != 2:
         return None
     if user.op == "call_module":
         module = gm.get_submodule(user.target)
         ok = isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
-    elif (user.op == "call_function" and user.target is torch.flatten) or (
+    elif (user.op == "call_function" and user.target in _FLATTENS) or (
         user.op == "call_method" and user.target == "flatten"
     ):
         args = bind_args(user, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
         ok = args["start_dim"] == 1 and args["end_dim"] == -1
+    elif user.op == "call_function" and user.target in _RESHAPES:
+        ok = shape_specialized(user) and shape[0] == shape_of(node)[0]
     else:
         ok = False
-    shape = shape_of(user)
-    return user if ok and shape is not None and len(shape) == 2 else None
+    return user if ok else None
 
 
 @dataclass(frozen=True)
@@ -110,8 +135,12 @@ def _pointwise_chain(gm: GraphModule, pool: Node, data: Node) -> _Chain:
 
 
 def _copy_call(gm: GraphModule, node: Node, data: Node, channels: int) -> Node:
-    """``node``'s op applied to ``data`` instead of its first argument."""
-    new = gm.graph.create_node(node.op, node.target, (data, *node.args[1:]), dict(node.kwargs))
+    """``node``'s op applied to ``data`` (with ``channels`` channels) instead of its first
+    argument; a view to ``[N, C]`` becomes one to ``[N, channels]``."""
+    rest = node.args[1:]
+    if node.op == "call_function" and node.target in _RESHAPES:
+        rest = ([shape_of(node)[0], channels], *rest[1:])
+    new = gm.graph.create_node(node.op, node.target, (data, *rest), dict(node.kwargs))
     if "tensor_meta" in node.meta:
         new.meta["tensor_meta"] = meta_with_size(node.meta["tensor_meta"], 1, channels)
     return new
