@@ -8,16 +8,24 @@ random draw or assert; a module only if it is one of torch.nn's own, in eval mod
 detection head's training-only branch that eval mode computes and drops.
 Custom modules such as stochastic depth (drop path) that return their input in eval mode
 vanish already during tracing, since fx traces through them.
+
+An exported program spells copies that only keep a value apart: ``aten.clone`` (what
+``contiguous()`` and eval dropout become after ``run_decompositions``) and ``aten.alias``.
+Each is the identity on values; it is removed when nothing writes in place into it or into
+its input (then no later write could tell the copy from the original), and when no view reads
+a copy that lays the values out anew (``aten.view`` needs the copy's strides). Likewise a pure
+aten op repeated on the same operands (``view(x, s)`` twice) is the first one again.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.fx import Node
 
 from repfuse.graph import arith_kind, bind_args, describe, dtype_of, is_impure
@@ -38,6 +46,7 @@ _DROPOUT_FUNCTIONS = {
 # Functional dropout defaults to training=True: only an explicit False (or p = 0) is a no-op.
 _DROPOUT_DEFAULTS = {"p": 0.5, "training": True, "inplace": False}
 _NEUTRAL = {"mul": 1, "div": 1, "add": 0, "sub": 0}
+_COPIES = {torch.ops.aten.clone.default, torch.ops.aten.alias.default}
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,8 @@ class RemoveNoops(Pass):
 
     name: ClassVar[str] = "remove_noops"
     summary: ClassVar[str] = (
-        "remove nn.Identity, eval-mode dropout and x*1, x/1, x+0, x-0"
+        "remove nn.Identity, eval-mode dropout, x*1, x/1, x+0, x-0, and in exported programs "
+        "copies (aten.clone/alias) and ops repeated on the same operands"
     )
 
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
@@ -72,7 +82,43 @@ class RemoveNoops(Pass):
                                           f"{args['training']!r}, so it is not a no-op")
             return rewriter.bypass(self.name, node, args["input"],
                                    f"{describe(node, gm)} removed")
-        return self._neutral_arithmetic(node, rewriter)
+        if node.op == "call_function" and node.target in _COPIES:
+            return self._copy(node, rewriter)
+        repeated = self._repeated(node, rewriter) if _pure_aten(node) else None
+        return repeated or self._neutral_arithmetic(node, rewriter)
+
+    def _repeated(self, node: Node, rewriter: Rewriter) -> Rewrite | None:
+        """An aten op applied again to the same operands computes the same value: its readers
+        read the first result (an exported ``nn.Linear`` on ``N×T×C`` views its input anew for
+        each of the Q, K and V layers; one view lets them be seen as siblings)."""
+        inputs = node.all_input_nodes
+        if not inputs:
+            return None
+        for other in inputs[0].users:
+            if other is node or other.target is not node.target or not other < node:
+                continue
+            if not (_same_operands(other.args, node.args)
+                    and _same_operands(other.kwargs, node.kwargs)):
+                continue
+            if _written_in_place(node) or _written_in_place(other):
+                return None
+            gm = rewriter.gm
+            return rewriter.bypass(self.name, node, other, f"{describe(node, gm)} removed: it "
+                                                           f"computes {describe(other, gm)} again")
+        return None
+
+    def _copy(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
+        data = node.args[0] if node.args else None
+        if not isinstance(data, Node) or dtype_of(node) != dtype_of(data):
+            return None
+        if _restrides(node, data) and any(_is_view(u) for u in node.users):
+            return None  # the copy lays the data out for the view that reads it
+        label = describe(node, rewriter.gm)
+        for tensor in (node, data):
+            if _written_in_place(tensor):
+                return self.decline(node, f"{label} stays: {describe(tensor, rewriter.gm)} "
+                                          "is written in place, so the copy may differ")
+        return rewriter.bypass(self.name, node, data, f"{label} removed")
 
     def _neutral_arithmetic(self, node: Node, rewriter: Rewriter) -> Rewrite | None:
         kind = arith_kind(node)
@@ -102,3 +148,58 @@ def _removable(gm, node: Node) -> bool:
     hooked = any(getattr(module, name, None) for name in ("_forward_hooks",
                                                            "_forward_pre_hooks"))
     return own and not module.training and not hooked
+
+
+def _pure_aten(node: Node) -> bool:
+    """An aten op that only computes its result, the same on every call."""
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and not target._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in target.tags)
+
+
+def _same_operands(first: Any, second: Any) -> bool:
+    """Equal arguments: the same nodes, equal plain values (a tensor is never assumed equal)."""
+    if isinstance(first, Node) or isinstance(second, Node):
+        return first is second
+    if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
+        return type(first) is type(second) and len(first) == len(second) and all(
+            _same_operands(a, b) for a, b in zip(first, second, strict=True))
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(
+            _same_operands(first[k], second[k]) for k in first)
+    if isinstance(first, Tensor) or isinstance(second, Tensor):
+        return False
+    return type(first) is type(second) and first == second
+
+
+def _restrides(copy: Node, data: Node) -> bool:
+    """True when ``copy`` may lay the values out differently from ``data`` (``contiguous()``
+    after a permute), as shape propagation recorded them, or when that is unknown."""
+    strides = [getattr(n.meta.get("tensor_meta"), "stride", None) for n in (copy, data)]
+    return strides[0] is None or strides[0] != strides[1]
+
+
+def _is_view(node: Node) -> bool:
+    """An op whose result aliases its input (``aten.view`` needs compatible strides)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return any(r.alias_info is not None for r in target._schema.returns)
+    return node.op != "output"
+
+
+def _written_in_place(node: Node) -> bool:
+    """True when ``node``'s tensor, or a view of it, may be written in place: an op whose
+    schema mutates an argument, ``x[i] = v``, an in-place method, or a module (unknown)."""
+    for user in node.users:
+        target = user.target
+        if isinstance(target, torch._ops.OpOverload):
+            schema = target._schema
+            if schema.is_mutable:
+                return True
+            if any(r.alias_info is not None for r in schema.returns) and _written_in_place(user):
+                return True
+        elif user.op == "call_module" or target is operator.setitem or (
+                user.op == "call_method" and target.endswith("_")):
+            return True
+    return False

@@ -2,10 +2,12 @@
 
 A node whose every input is a ``get_attr`` (a parameter, buffer or traced constant), or a plain
 value computed from the metadata of one (``w.size(0)``, ``w.device``, ``w.shape[1] // 2``), and
-whose op is pure computes the same tensor on every call. Replacing it by a buffer holding that
-tensor is exact (it is the very value the model computes, in its own dtype). This exposes
-constants that other passes need, e.g. DBB's BN-and-pad value ``β − μ·γ/√(σ² + ε)``, its
-identity-based 1×1 kernel ``w + id.to(w.device)``, or a weight-standardized kernel.
+whose op is pure computes the same tensor on every call; so does an aten op of an exported
+program that builds a tensor from plain values alone (``aten.arange``, ``aten.full``).
+Replacing it by a buffer holding that tensor is exact (it is the very value the model
+computes, in its own dtype). This exposes constants that other passes need, e.g. DBB's
+BN-and-pad value ``β − μ·γ/√(σ² + ε)``, its identity-based 1×1 kernel ``w + id.to(w.device)``,
+or a weight-standardized kernel.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class FoldConstants(Pass):
     )
 
     def visit(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
-        if node.op not in ("call_function", "call_method") or not node.all_input_nodes:
+        if node.op not in ("call_function", "call_method"):
+            return None
+        if not node.all_input_nodes and not _aten_factory(node):
             return None
         if is_metadata_helper(node):
             return None  # a plain value: folded into the tensor op that reads it
@@ -86,6 +90,18 @@ def _constant(gm: GraphModule, node: Node, known: dict[Node, Any]) -> bool:
     except Exception:
         return False
     return True
+
+
+def _aten_factory(node: Node) -> bool:
+    """An aten op that builds a tensor from plain values alone, deterministically: what an
+    exported program writes for a constant computed in Python (``arange``, ``full``, ...)."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    schema = target._schema
+    return (not schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+            and "empty" not in schema.name  # uninitialized memory: no value to fold
+            and len(schema.returns) == 1)
 
 
 def _call(node: Node, args: Any, kwargs: Any) -> Any:

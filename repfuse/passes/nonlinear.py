@@ -42,6 +42,23 @@ _FUNCTIONS: dict[object, tuple[str, str]] = {
                      torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus, F.softmax,
                      torch.softmax, F.log_softmax, F.prelu), _ACTIVATION),
 }
+aten = torch.ops.aten
+# The same ops as an exported program spells them (training and inference IR).
+_FUNCTIONS.update({
+    **dict.fromkeys((aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+                     aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default,
+                     aten.adaptive_max_pool1d.default, aten.adaptive_max_pool2d.default,
+                     aten.adaptive_max_pool3d.default), _MAX_POOL),
+    **dict.fromkeys((aten.relu.default, aten.relu_.default, aten.relu6.default,
+                     aten.hardtanh.default, aten.hardtanh_.default, aten.leaky_relu.default,
+                     aten.elu.default, aten.selu.default, aten.celu.default, aten.gelu.default,
+                     aten.silu.default, aten.silu_.default, aten.mish.default,
+                     aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default,
+                     aten.sigmoid.default, aten.tanh.default, aten.softplus.default,
+                     aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
+                     aten._log_softmax.default, aten.prelu.default,
+                     aten._prelu_kernel.default), _ACTIVATION),
+})
 _METHODS: dict[str, tuple[str, str]] = dict.fromkeys(
     ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "softmax", "log_softmax"),
     _ACTIVATION,
