@@ -8,7 +8,8 @@ Per node, from the shapes recorded by shape propagation, for the example input's
   MACs; they show in the op counts and in the bytes.
 - parameters: the tensors the node reads as weights (its module's, or ``get_attr`` reads);
 - bytes moved: every activation the node reads, its output, and its weights, each once. Views
-  (``getitem``, ``split``, ``flatten``, ``view``, ...) move nothing.
+  (``getitem``, ``split``, ``flatten``, ``view``, aten ops whose result aliases their input,
+  ...) move nothing.
 
 A merge *pays* (:func:`pays`) when it does not raise the MACs and, at equal MACs, does not
 raise the bytes moved. Parameters are reported but are not a criterion: a composed kernel may
@@ -98,6 +99,8 @@ def node_macs(gm: GraphModule, node: Node) -> int:
 
 def _is_view(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):  # an exported program's aten op
+            return any(r.alias_info is not None for r in node.target._schema.returns)
         return node.target in _VIEW_FUNCTIONS
     if node.op == "call_method":
         return node.target in _VIEW_METHODS

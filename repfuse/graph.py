@@ -682,6 +682,22 @@ def other_users(gm: GraphModule, node: Node, expected: Node | None = None) -> st
     return f"the output of {describe(node, gm)} is also used elsewhere, by {shown}{more}"
 
 
+def written_in_place(node: Node) -> bool:
+    """True when ``node``'s tensor, or a view of it, may be written in place: by an aten op
+    whose schema mutates an argument, ``x[i] = v`` or an in-place method (``x.add_(y)``)."""
+    for user in node.users:
+        target = user.target
+        if isinstance(target, torch._ops.OpOverload):
+            schema = target._schema
+            if schema.is_mutable:
+                return True
+            if any(r.alias_info is not None for r in schema.returns) and written_in_place(user):
+                return True
+        elif target is operator.setitem or (user.op == "call_method" and target.endswith("_")):
+            return True
+    return False
+
+
 def _flat_args(node: Node) -> list[Any]:
     flat: list[Any] = []
     torch.fx.node.map_aggregate((node.args, node.kwargs), flat.append)

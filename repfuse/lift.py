@@ -64,6 +64,7 @@ from repfuse.graph import (
     new_layer,
     shape_of,
     sole_user,
+    written_in_place,
 )
 from repfuse.graph import arith_kind as _arith_kind
 
@@ -647,14 +648,81 @@ def zero_pad(gm: GraphModule, node: Node) -> tuple[Node, tuple[int, ...]] | None
     return data, (0,) * (spatial - len(per_axis)) + per_axis
 
 
-def border_fill(gm: GraphModule, pad: Node) -> Tensor | None:
-    """The per-channel value written over every padded border strip of ``pad``, if any.
+@dataclass(frozen=True)
+class BorderFill:
+    """A zero pad whose padded border strips are all overwritten with one per-channel value.
+
+    ``result`` holds the filled tensor: the pad itself when the strips are written in place
+    (``y[:, :, :p] = v``; ``aten.copy_`` into an ``aten.slice`` of it in a training-IR
+    export), or the last ``aten.slice_scatter`` of the chain an inference-IR export writes
+    instead. ``nodes`` are the writes and the views and copies they go through.
+    """
+
+    value: Tensor
+    result: Node
+    nodes: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class _Write:
+    """One write into a padded tensor: ``tensor[index] = value``, spelled by ``nodes``."""
+
+    nodes: tuple[Node, ...]
+    index: Any
+    value: Any
+
+
+_SLICE = torch.ops.aten.slice.Tensor
+_SCATTER = torch.ops.aten.slice_scatter.default
+
+
+def border_fill(gm: GraphModule, pad: Node) -> BorderFill | None:
+    """``pad`` with a per-channel value written over every padded border strip, if so.
 
     Recognizes ``y = F.pad(x, [p]*2d); y[:, :, :p] = v; y[:, :, -p:] = v; ...`` (DBB's
-    BN-and-pad layer) with ``v`` a constant broadcasting per channel.
+    BN-and-pad layer) with ``v`` a constant broadcasting per channel, in the three ways a graph
+    spells it: item assignment, ``aten.copy_`` into slices, a chain of ``aten.slice_scatter``.
     """
-    fills = setitem_users(pad)
-    return _fill_value(gm, pad, fills) if fills else None
+    found = zero_pad(gm, pad)
+    writes = _writes(pad)
+    if found is None or not writes or not writes[1]:
+        return None
+    result, items = writes
+    data, padding = found
+    shape = shape_of(pad)
+    if shape is None:
+        return None
+    spatial = len(padding)
+    covered: set[tuple[int, str]] = set()
+    value = None
+    for item in items:
+        constant = _constant_through(gm, item.value)
+        vector = None if constant is None else _per_channel(constant, len(shape), shape[1])
+        if vector is None or not isinstance(item.index, tuple):
+            return None
+        if value is not None and not torch.equal(vector, value):
+            return None
+        value = vector
+        strip = _border_strip(item.index, padding, spatial)
+        if strip is None:
+            return None
+        covered.add(strip)
+    needed = {(axis, side) for axis in range(spatial) if padding[axis]
+              for side in ("low", "high")}
+    if covered != needed or value is None:
+        return None
+    nodes = tuple(n for item in items for n in item.nodes)
+    if result is pad and not _written_before_read(pad, nodes):
+        return None
+    return BorderFill(value, result, nodes)
+
+
+def overwritten(node: Node) -> bool:
+    """True when something writes into ``node``'s tensor (item assignment, an in-place op on
+    it or a view of it) or scatters into a copy of it."""
+    return written_in_place(node) or any(
+        u.op == "call_function" and u.target is _SCATTER and u.args[0] is node
+        for u in node.users)
 
 
 def setitem_users(node: Node) -> list[Node]:
@@ -663,31 +731,123 @@ def setitem_users(node: Node) -> list[Node]:
             and u.args and u.args[0] is node]
 
 
-def _fill_value(gm: GraphModule, pad: Node, fills: list[Node]) -> Tensor | None:
-    found = zero_pad(gm, pad)
-    if found is None:
+def _writes(pad: Node) -> tuple[Node, list[_Write]] | None:
+    """The node holding ``pad`` after its writes, and the writes; None when something writes
+    into it in another way (a write through other views, several scatter chains)."""
+    items = [_Write((u,), u.args[1], u.args[2]) for u in setitem_users(pad)]
+    for user in pad.users:
+        if user.op != "call_function" or user.target is not _SLICE or user.args[0] is not pad:
+            continue
+        if not written_in_place(user):
+            continue
+        copies = list(user.users)
+        copy = copies[0] if len(copies) == 1 else None
+        if (copy is None or copy.target is not torch.ops.aten.copy_.default
+                or copy.args[0] is not user or len(copy.args) != 2 or copy.kwargs):
+            return None
+        items.append(_Write((user, copy), _slice_index(user), copy.args[1]))
+    written = {n for item in items for n in item.nodes}
+    if any(_aten_view(u) and written_in_place(u) for u in pad.users if u not in written):
+        return None  # written through another view
+    result = pad
+    while True:
+        scatters = [u for u in result.users if u.op == "call_function"
+                    and u.target is _SCATTER and u.args[0] is result]
+        if not scatters:
+            return result, items
+        if len(scatters) > 1 or (result is pad and items):
+            return None  # in place and functional writes mixed: not a form we know
+        write = _scatter_write(scatters[0], result)
+        if write is None:
+            return None
+        items.append(write)
+        result = scatters[0]
+
+
+def _aten_view(node: Node) -> bool:
+    """An aten op whose result aliases its input (``slice``, ``view``, ``select``, ...)."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and any(
+        r.alias_info is not None for r in target._schema.returns)
+
+
+def _scatter_write(scatter: Node, base: Node) -> _Write | None:
+    """``slice_scatter(base, src, dim, start, end)`` as ``base[index] = value``: ``src`` is
+    the value, or ``copy(base[index], value)`` (how ``run_decompositions`` writes
+    ``base[index].copy_(value)``)."""
+    args = bind_args(scatter, ("input", "src", "dim", "start", "end", "step"),
+                     {"dim": 0, "start": None, "end": None, "step": 1})
+    index = _slice_index(scatter, args)
+    src = args["src"]
+    if (isinstance(src, Node) and src.op == "call_function"
+            and src.target is torch.ops.aten.copy.default and len(src.args) == 2):
+        view = src.args[0]
+        if (isinstance(view, Node) and view.op == "call_function" and view.target is _SLICE
+                and view.args[0] is base and _slice_index(view) == index):
+            return _Write((scatter, src, view), index, src.args[1])
+    return _Write((scatter,), index, src)
+
+
+def _slice_index(node: Node, args: dict | None = None) -> tuple | None:
+    """An ``aten.slice``/``slice_scatter``'s selection as a Python index tuple (an open end
+    as ``None``)."""
+    if args is None:
+        args = bind_args(node, _SLICE_ARGS, _SLICE_DEFAULTS)
+    shape = shape_of(node.args[0]) if isinstance(node.args[0], Node) else None
+    dim, start, end, step = args["dim"], args["start"], args["end"], args["step"]
+    if shape is None or not isinstance(dim, int) or _has_node([start, end, step]):
         return None
-    data, padding = found
-    spatial = len(padding)
-    covered: set[tuple[int, str]] = set()
-    value = None
-    for fill in fills:
-        _, index, fill_value = fill.args
-        constant = constant_value(gm, fill_value)
-        if not isinstance(constant, Tensor) or not isinstance(index, tuple):
-            return None
-        if value is not None and not torch.equal(constant, value):
-            return None
-        value = constant
-        strip = _border_strip(index, padding, spatial)
-        if strip is None:
-            return None
-        covered.add(strip)
-    needed = {(axis, side) for axis in range(spatial) if padding[axis]
-              for side in ("low", "high")}
-    if covered != needed or value is None:
+    if end is not None and end > _INT_MAX_DIV_2:
+        end = None
+    return (slice(None),) * (dim % len(shape)) + (slice(start, end, None if step == 1 else step),)
+
+
+def _written_before_read(pad: Node, writes: tuple[Node, ...]) -> bool:
+    """True when every write into ``pad`` comes before every other reader of it."""
+    written = set(writes)
+    readers = [u for u in pad.users if u not in written]
+    return all(w < r for w in writes for r in readers)
+
+
+def _constant_through(gm: GraphModule, arg: Any, depth: int = 0) -> Any:
+    """The value of ``arg`` when it is a constant, or pure aten ops (``view``, ``expand``) of
+    constants, evaluated; None otherwise."""
+    value = constant_value(gm, arg)
+    if value is not None or not isinstance(arg, Node) or depth > _CONSTANT_DEPTH:
+        return value
+    target = arg.target
+    if (arg.op != "call_function" or not isinstance(target, torch._ops.OpOverload)
+            or target._schema.is_mutable):
         return None
-    return value.reshape(-1)
+    known: dict[Node, Any] = {}
+    for node in arg.all_input_nodes:
+        known[node] = _constant_through(gm, node, depth + 1)
+        if known[node] is None:
+            return None
+    args = torch.fx.node.map_arg(arg.args, known.__getitem__)
+    kwargs = torch.fx.node.map_arg(arg.kwargs, known.__getitem__)
+    with torch.no_grad():
+        return target(*args, **kwargs)
+
+
+_CONSTANT_DEPTH = 8
+
+
+def _per_channel(value: Any, rank: int, channels: int) -> Tensor | None:
+    """The ``channels`` values a constant written into an ``N×C×…`` tensor holds, one per
+    channel, when it is equal along every other axis; None otherwise."""
+    if not isinstance(value, Tensor):
+        return torch.full((channels,), float(value), dtype=FOLD_DTYPE)
+    if value.dim() > rank:
+        return None
+    aligned = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape))
+    if aligned.shape[1] not in (1, channels):
+        return None
+    first = aligned[(0, slice(None), *(0,) * (rank - 2))] if rank > 2 else aligned[0]
+    broadcast = first.reshape(1, -1, *(1,) * (rank - 2)).expand_as(aligned)
+    if not torch.equal(aligned, broadcast):
+        return None
+    return first.expand(channels).clone()
 
 
 def _border_strip(index: tuple, padding: tuple[int, ...], spatial: int) -> tuple[int, str] | None:

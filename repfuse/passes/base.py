@@ -271,7 +271,9 @@ class Rewriter:
                  wrap, split, same_shape_as_new: Node | None = None) -> Rewrite:
         # may refuse: before any change
         metadata = self._metadata_plan(replaced, roots, same_shape_as_new)
-        cost_before = nodes_cost(self.gm, replaced)  # before the module at the path changes
+        # before the module at the path changes; with the ops inside the pattern that go
+        # with it (an exported batch norm between a conv and the getitem that reads it)
+        cost_before = nodes_cost(self.gm, [*replaced, *_inner(replaced)])
         with self._mutation():
             target = self._place_module(module_path, module, replaced)
             first = roots[0]
@@ -648,6 +650,15 @@ def _with_dead_inputs(doomed: list[Node]) -> list[Node]:
             doomed.append(node)
             pending.extend(node.all_input_nodes)
     return doomed
+
+
+def _inner(replaced: Sequence[Node]) -> list[Node]:
+    """The nodes between replaced ones that only they read: erased with them, not named."""
+    members = set(replaced)
+    return [n for node in replaced for n in node.all_input_nodes
+            if n not in members and n.op == "call_function" and _removable_when_unread(n)
+            and all(u in members for u in n.users)
+            and any(a in members for a in n.all_input_nodes)]
 
 
 def _removable_when_unread(node: Node) -> bool:

@@ -19,7 +19,6 @@ aten op repeated on the same operands (``view(x, s)`` twice) is the first one ag
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,7 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Node
 
-from repfuse.graph import arith_kind, bind_args, describe, dtype_of, is_impure
+from repfuse.graph import (
+    arith_kind,
+    bind_args,
+    describe,
+    dtype_of,
+    is_impure,
+    written_in_place,
+)
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -100,7 +106,7 @@ class RemoveNoops(Pass):
             if not (_same_operands(other.args, node.args)
                     and _same_operands(other.kwargs, node.kwargs)):
                 continue
-            if _written_in_place(node) or _written_in_place(other):
+            if written_in_place(node) or written_in_place(other):
                 return None
             gm = rewriter.gm
             return rewriter.bypass(self.name, node, other, f"{describe(node, gm)} removed: it "
@@ -115,7 +121,7 @@ class RemoveNoops(Pass):
             return None  # the copy lays the data out for the view that reads it
         label = describe(node, rewriter.gm)
         for tensor in (node, data):
-            if _written_in_place(tensor):
+            if written_in_place(tensor):
                 return self.decline(node, f"{label} stays: {describe(tensor, rewriter.gm)} "
                                           "is written in place, so the copy may differ")
         return rewriter.bypass(self.name, node, data, f"{label} removed")
@@ -186,20 +192,3 @@ def _is_view(node: Node) -> bool:
     if isinstance(target, torch._ops.OpOverload):
         return any(r.alias_info is not None for r in target._schema.returns)
     return node.op != "output"
-
-
-def _written_in_place(node: Node) -> bool:
-    """True when ``node``'s tensor, or a view of it, may be written in place: an op whose
-    schema mutates an argument, ``x[i] = v``, an in-place method, or a module (unknown)."""
-    for user in node.users:
-        target = user.target
-        if isinstance(target, torch._ops.OpOverload):
-            schema = target._schema
-            if schema.is_mutable:
-                return True
-            if any(r.alias_info is not None for r in schema.returns) and _written_in_place(user):
-                return True
-        elif user.op == "call_module" or target is operator.setitem or (
-                user.op == "call_method" and target.endswith("_")):
-            return True
-    return False

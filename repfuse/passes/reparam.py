@@ -51,6 +51,7 @@ from repfuse.graph import (
 )
 from repfuse.lift import (
     AvgPool,
+    BorderFill,
     Branch,
     LinearStep,
     Term,
@@ -66,8 +67,8 @@ from repfuse.lift import (
     linear_kernel,
     linear_module,
     numeric_padding,
+    overwritten,
     scaled,
-    setitem_users,
     sum_terms,
     weight_like,
     zero_pad,
@@ -396,7 +397,7 @@ class MergePadding(Pass):
         fill = border_fill(gm, node)
         if fill is not None:
             return self._pad_with_bias(node, found, fill, rewriter)
-        if setitem_users(node):
+        if overwritten(node):
             return self.decline(node, f"{describe(node, gm)} is overwritten in place in a way "
                                       "that is not a per-channel border fill")
         user = sole_user(node)
@@ -448,7 +449,7 @@ class MergePadding(Pass):
                                      f"{describe(user, gm)}",
         )
 
-    def _pad_with_bias(self, pad: Node, found, fill: torch.Tensor,
+    def _pad_with_bias(self, pad: Node, found, fill: BorderFill,
                        rewriter: Rewriter) -> Rewrite | Decline:
         gm = rewriter.gm
         data, padding = found
@@ -459,15 +460,14 @@ class MergePadding(Pass):
                 sole_user(data) is not pad):
             return self.decline(pad, f"{label} pads with a per-channel value, but its input is "
                                      "not a conv read only here")
-        reason = bias_padding_reason(step.kernel, fill)
+        reason = bias_padding_reason(step.kernel, fill.value)
         if reason is not None:
             return self.decline(pad, f"{label} pads with a per-channel value after "
                                      f"{describe(data, gm)}, but {reason}")
-        bias = layer.bias if layer.bias is not None else torch.zeros_like(fill)
+        bias = layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_channels)
         module = replace(layer, padding=padding).build(layer.weight.clone(), bias.clone())
-        fills = setitem_users(pad)
         return rewriter.replace_with_module(
-            self.name, root=pad, replaced=[data, *fills, pad], module=module,
+            self.name, root=fill.result, replaced=[data, pad, *fill.nodes], module=module,
             args=(layer.input,), module_path=layer.module_path or layer.origin_paths()[0],
             detail=f"{describe(data, gm)} padded with its own bias by {label}: padding moved "
                    "before the 1x1 conv",
