@@ -121,6 +121,9 @@ def describe(node: Node, gm: GraphModule | None = None) -> str:
         return f"'{node.target}' ({kind})"
     if node.op in ("call_function", "call_method"):
         target = node.target if isinstance(node.target, str) else node.target.__name__
+        source = node.args[0] if node.target is operator.getitem and node.args else None
+        if isinstance(source, Node) and isinstance(source.target, torch._ops.OpOverload):
+            target = f"{source.target.__name__}[{node.args[1]}]"  # e.g. an exported BN's output
         return f"'{node.name}' ({target})"
     return f"'{node.name}'"
 
