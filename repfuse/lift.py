@@ -440,11 +440,12 @@ def _aten_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     A negative ``end`` counts from the end and a ``start ≥ 0`` from the start, on any input
     size. torch.export writes ``x[..., c:x.size(3) - c]`` with the end computed: a positive
     int, ``size − c`` for the one size it traced. That end is read against the recorded
-    shape only in a program that torch.export specialized to its input shapes (static fake
-    values on its nodes, :func:`shape_specialized`): such a program is defined only on those
-    shapes (``ExportedProgram`` checks its inputs against them), so ``end = size − c`` there
-    and the crop by ``c`` computes the same on every input it accepts. A symbolically traced
-    graph runs on any size, where ``x[..., 1:31]`` crops differently from ``x[..., 1:-1]``.
+    size only where torch.export specialized the sliced axis to that size (the fake value it
+    recorded for the input has an int there, :func:`shape_specialized`): the program is then
+    defined only for that size (``ExportedProgram`` checks its inputs against it), so
+    ``end = size − c`` and the crop by ``c`` computes the same on every input it accepts. A
+    symbolically traced graph runs on any size, where ``x[..., 1:31]`` crops differently from
+    ``x[..., 1:-1]``.
     """
     args = bind_args(node, _SLICE_ARGS, _SLICE_DEFAULTS)
     data, dim, start, end, step = (args[k] for k in _SLICE_ARGS)
@@ -459,7 +460,7 @@ def _aten_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     if step != 1:
         return None  # subsampling, not a crop
     size = shape[axis]
-    specialized = shape_specialized(node)
+    specialized = shape_specialized(data, axis)
     low = 0 if start is None else start
     if low < 0:
         if not specialized:
@@ -485,12 +486,31 @@ def _aten_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
 _INT_MAX_DIV_2 = 2**62  # an end beyond any real size: "to the end" on every input
 
 
-def shape_specialized(node: Node) -> bool:
-    """True when ``node`` comes from a program that torch.export specialized to static input
-    shapes: export records the value it traced each node with (``meta['val']``, a fake
-    tensor), and with static shapes every size in it is an int (dynamic sizes are symbols)."""
+def shape_specialized(node: Node, axis: int | None = None) -> bool:
+    """True when ``node`` comes from a program that torch.export specialized to the sizes it
+    traced (along ``axis``, or all of them): export records the value it traced each node
+    with (``meta['val']``, a fake tensor), where a static size is an int and a dynamic one a
+    symbol; the program checks its inputs against the static ones."""
     value = node.meta.get("val")
-    return isinstance(value, FakeTensor) and all(type(s) is int for s in value.shape)
+    if not isinstance(value, FakeTensor):
+        return False
+    sizes = value.shape if axis is None else (value.shape[axis],)
+    return all(type(s) is int for s in sizes)
+
+
+def is_whole_slice(node: Node) -> bool:
+    """``aten.slice.Tensor(x, dim, 0, end)`` taking all of its axis (export writes one for
+    ``x[:, :, 1:-1]`` on a dynamic batch axis): the identity."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.slice.Tensor:
+        return False
+    args = bind_args(node, _SLICE_ARGS, _SLICE_DEFAULTS)
+    data, dim, start, end, step = (args[k] for k in _SLICE_ARGS)
+    shape = shape_of(data)
+    if shape is None or not isinstance(dim, int) or step != 1 or start not in (None, 0):
+        return False
+    if end is None or (isinstance(end, int) and end > _INT_MAX_DIV_2):
+        return True
+    return isinstance(end, int) and end >= shape[dim] and shape_specialized(data, dim)
 
 
 # --- chains of linear ops back to a shared input --------------------------------------------

@@ -222,6 +222,25 @@ def test_cropped_branch_merges_in_an_exported_program(decompose, subtract):
     check_equal(model, gm, x)
 
 
+@IRS
+def test_cropped_branch_merges_with_a_dynamic_batch(decompose):
+    """A dynamic batch axis: export slices it whole (removed), the rows stay specialized."""
+    model = randomize_bn(Cropped().double())
+    x = random_input((2, 4, 8, 9), dtype=torch.float64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("b")},))
+    if decompose:
+        program = program.run_decompositions()
+    gm = repfuse.trace(program.module(), x)
+
+    result = run_pipeline(gm)
+
+    assert result.counts()["remove_noops"] == 1
+    assert result.counts()["merge_branches"] == 1
+    assert aten.slice.Tensor not in targets(gm)
+    other_batch = random_input((3, 4, 8, 9), seed=1, dtype=torch.float64)
+    check_equal(model, gm, other_batch)
+
+
 def test_asymmetric_exported_crop_is_declined():
     gm, x = exported(Cropped(low=0, high=2), (2, 4, 9, 9))
     fold_batchnorm(gm)
