@@ -86,6 +86,10 @@ _BN_TUPLE_ARGS = {
                                                          "momentum", "eps"),
     aten.native_batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var",
                                      "training", "momentum", "eps"),
+    # a program exported in training mode (also returns the updated statistics)
+    aten._native_batch_norm_legit_functional.default: ("input", "weight", "bias",
+                                                       "running_mean", "running_var",
+                                                       "training", "momentum", "eps"),
 }
 # BatchNorm modules (and subclasses) whose forward is BatchNorm's own: SyncBatchNorm in eval
 # mode is a BatchNorm too.
@@ -445,9 +449,11 @@ def batchnorm_view(gm: GraphModule, node: Node) -> BatchNormView | None:
     if node.target is operator.getitem:
         source, index = node.args
         if (index != 0 or not isinstance(source, Node) or source.op != "call_function"
-                or source.target not in _BN_TUPLE_ARGS or len(source.users) != 1):
-            return None  # mean and rstd read too: the batch norm cannot go
+                or source.target not in _BN_TUPLE_ARGS):
+            return None
         args = bind_args(source, _BN_TUPLE_ARGS[source.target], _BN_DEFAULTS)
+        if len(source.users) != 1 and args["training"] is False:
+            return None  # its mean and rstd are read too: the batch norm cannot go
     elif node.target in _BN_FUNCTIONAL_ARGS:
         args = bind_args(node, _BN_FUNCTIONAL_ARGS[node.target], _BN_DEFAULTS)
     else:

@@ -114,6 +114,22 @@ def test_batchnorm_folds_into_exported_conv(decompose, transposed):
     check_equal(model, gm, x)
 
 
+@IRS
+def test_batchnorm_exported_in_training_mode_is_declined(decompose):
+    model = ConvBN().double().train()
+    x = random_input((2, 4, 9, 9), dtype=torch.float64)
+    program = torch.export.export(model, (x,))
+    if decompose:
+        program = program.run_decompositions()
+    gm = repfuse.trace(program.module(), x)
+
+    result = check_unchanged(gm, x, fold_batchnorm)
+
+    [decline] = result.declined
+    assert decline.reason.endswith("is in training mode: it normalizes with batch statistics, "
+                                   "which no fixed weights reproduce")
+
+
 class LinearBN(nn.Module):
     def __init__(self, bias: bool) -> None:
         super().__init__()
