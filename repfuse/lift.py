@@ -493,9 +493,21 @@ def shape_specialized(node: Node, axis: int | None = None) -> bool:
     symbol; the program checks its inputs against the static ones."""
     value = node.meta.get("val")
     if not isinstance(value, FakeTensor):
-        return False
+        # a node a rewrite made: specialized when the whole program is (every input static)
+        return _static_program(node.graph)
     sizes = value.shape if axis is None else (value.shape[axis],)
     return all(type(s) is int for s in sizes)
+
+
+def _static_program(graph: torch.fx.Graph) -> bool:
+    """True for an exported program whose every input has static sizes."""
+    inputs = graph.find_nodes(op="placeholder")
+    return bool(inputs) and all(_static_value(n) for n in inputs)
+
+
+def _static_value(node: Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, FakeTensor) and all(type(s) is int for s in value.shape)
 
 
 def is_whole_slice(node: Node) -> bool:

@@ -238,6 +238,31 @@ def test_cropped_branch_merges_in_an_exported_program(decompose, subtract):
     check_equal(model, gm, x)
 
 
+class CroppedAfterConv(nn.Module):
+    """Cropped branches of a conv-BN output: once the BN is folded, the slice reads a node the
+    rewrite made (no fake value from export on it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.block = Cropped()
+
+    def forward(self, x):
+        return self.block(self.bn(self.stem(x)))
+
+
+@IRS
+def test_cropped_branch_of_a_rewritten_node_merges(decompose):
+    model = CroppedAfterConv()
+    gm, x = exported(model, (2, 3, 8, 9), decompose)
+
+    result = run_pipeline(gm)
+
+    assert result.counts()["merge_branches"] == 1
+    assert aten.slice.Tensor not in targets(gm)
+    check_equal(model, gm, x)
+
+
 @IRS
 def test_cropped_branch_merges_with_a_dynamic_batch(decompose):
     """A dynamic batch axis: export slices it whole (removed), the rows stay specialized."""
