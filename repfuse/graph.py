@@ -540,6 +540,9 @@ METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", 
 METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device",
                               "is_floating_point", "is_complex", "element_size",
                               "is_contiguous"})
+# The same reads in an exported program with dynamic sizes (``aten.sym_size.int(x, 0)``).
+METADATA_FUNCTIONS = frozenset({aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
+                                aten.sym_storage_offset.default})
 # Of those, the ones that give the rank, which no input size changes.
 RANK_ATTRIBUTES = frozenset({"ndim"})
 RANK_METHODS = frozenset({"dim", "ndimension"})
@@ -562,6 +565,8 @@ def reads_metadata_only(user: Node, node: Node) -> bool:
         return False
     if user.op == "call_function" and user.target is getattr:
         return len(user.args) == 2 and user.args[1] in METADATA_ATTRIBUTES
+    if user.op == "call_function":
+        return user.target in METADATA_FUNCTIONS
     return user.op == "call_method" and user.target in METADATA_METHODS
 
 
@@ -590,6 +595,8 @@ def is_metadata_helper(node: Node) -> bool:
         return len(node.args) == 2 and node.args[1] in METADATA_ATTRIBUTES
     if node.op == "call_method":
         return node.target in METADATA_METHODS
+    if node.op == "call_function" and node.target in METADATA_FUNCTIONS:
+        return True
     return node.op == "call_function" and node.target in SCALAR_FUNCTIONS and not any(
         _produces_tensor(a) for a in node.all_input_nodes)
 

@@ -60,6 +60,7 @@ from repfuse.graph import (
     describe,
     dtype_of,
     frozen_parameter,
+    is_metadata_helper,
     layer_view,
     new_layer,
     shape_of,
@@ -126,6 +127,8 @@ def scale_bias_op(gm: GraphModule, node: Node) -> AffineOp | str | None:
     kind = _arith_kind(node)
     if kind is None or len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
         return None  # e.g. div with rounding_mode: not affine
+    if is_metadata_helper(node):
+        return None  # arithmetic on sizes (``x.size(0) * 8``), not on a tensor
     alpha = node.kwargs.get("alpha", 1)
     first, second = node.args
     c_first, c_second = constant_value(gm, first), constant_value(gm, second)
@@ -430,6 +433,8 @@ def crop_of(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     return data, tuple(crop)
 
 
+_SLICE = torch.ops.aten.slice.Tensor
+_SCATTER = torch.ops.aten.slice_scatter.default
 _SLICE_ARGS = ("input", "dim", "start", "end", "step")
 _SLICE_DEFAULTS = {"dim": 0, "start": None, "end": None, "step": 1}
 
@@ -510,19 +515,27 @@ def _static_value(node: Node) -> bool:
     return isinstance(value, FakeTensor) and all(type(s) is int for s in value.shape)
 
 
-def is_whole_slice(node: Node) -> bool:
-    """``aten.slice.Tensor(x, dim, 0, end)`` taking all of its axis (export writes one for
-    ``x[:, :, 1:-1]`` on a dynamic batch axis): the identity."""
-    if node.op != "call_function" or node.target is not torch.ops.aten.slice.Tensor:
-        return False
-    args = bind_args(node, _SLICE_ARGS, _SLICE_DEFAULTS)
+def whole_slice_value(node: Node) -> Node | None:
+    """The node whose value ``node`` is when it slices or scatters a whole axis (export writes
+    these for a dynamic batch axis): ``aten.slice.Tensor(x, dim, 0, end ≥ size)`` is ``x``,
+    ``aten.slice_scatter(x, src, dim, 0, end ≥ size)`` is ``src``; None otherwise."""
+    if node.op != "call_function" or node.target not in (_SLICE, _SCATTER):
+        return None
+    if node.target is _SLICE:
+        args = bind_args(node, _SLICE_ARGS, _SLICE_DEFAULTS)
+        value = args["input"]
+    else:
+        args = bind_args(node, ("input", "src", *_SLICE_ARGS[1:]), _SLICE_DEFAULTS)
+        value = args["src"]
     data, dim, start, end, step = (args[k] for k in _SLICE_ARGS)
     shape = shape_of(data)
-    if shape is None or not isinstance(dim, int) or step != 1 or start not in (None, 0):
-        return False
+    if (shape is None or not isinstance(value, Node) or shape_of(value) != shape
+            or not isinstance(dim, int) or step != 1 or start not in (None, 0)):
+        return None
     if end is None or (isinstance(end, int) and end > _INT_MAX_DIV_2):
-        return True
-    return isinstance(end, int) and end >= shape[dim] and shape_specialized(data, dim)
+        return value
+    whole = isinstance(end, int) and end >= shape[dim] and shape_specialized(data, dim)
+    return value if whole else None
 
 
 # --- chains of linear ops back to a shared input --------------------------------------------
@@ -704,10 +717,6 @@ class _Write:
     value: Any
 
 
-_SLICE = torch.ops.aten.slice.Tensor
-_SCATTER = torch.ops.aten.slice_scatter.default
-
-
 def border_fill(gm: GraphModule, pad: Node) -> BorderFill | None:
     """``pad`` with a per-channel value written over every padded border strip, if so.
 
@@ -843,11 +852,16 @@ def _written_before_read(pad: Node, writes: tuple[Node, ...]) -> bool:
 
 def _constant_through(gm: GraphModule, arg: Any, depth: int = 0) -> Any:
     """The value of ``arg`` when it is a constant, or pure aten ops (``view``, ``expand``) of
-    constants, evaluated; None otherwise."""
+    constants, evaluated; None otherwise. A size read on the way (``expand`` to a dynamic
+    batch) is the recorded one: a fill is accepted only if it is one value per channel, which
+    expanding it to other sizes does not change."""
     value = constant_value(gm, arg)
     if value is not None or not isinstance(arg, Node) or depth > _CONSTANT_DEPTH:
         return value
     target = arg.target
+    if target is torch.ops.aten.sym_size.int and isinstance(arg.args[0], Node):
+        shape = shape_of(arg.args[0])
+        return None if shape is None else shape[arg.args[1]]
     if (arg.op != "call_function" or not isinstance(target, torch._ops.OpOverload)
             or target._schema.is_mutable):
         return None

@@ -14,8 +14,9 @@ An exported program spells copies that only keep a value apart: ``aten.clone`` (
 Each is the identity on values; it is removed when nothing writes in place into it or into
 its input (then no later write could tell the copy from the original), and when no view reads
 a copy that lays the values out anew (``aten.view`` needs the copy's strides). Likewise a pure
-aten op repeated on the same operands (``view(x, s)`` twice) is the first one again, and an
-``aten.slice`` of a whole axis is its input.
+aten op repeated on the same operands (``view(x, s)`` twice) is the first one again, an
+``aten.slice`` of a whole axis is its input, and an ``aten.slice_scatter`` into a whole axis
+is what it scatters.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from repfuse.graph import (
     is_impure,
     written_in_place,
 )
-from repfuse.lift import is_whole_slice
+from repfuse.lift import whole_slice_value
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -92,9 +93,10 @@ class RemoveNoops(Pass):
                                    f"{describe(node, gm)} removed")
         if node.op == "call_function" and node.target in _COPIES:
             return self._copy(node, rewriter)
-        if is_whole_slice(node):
-            return rewriter.bypass(self.name, node, node.args[0],
-                                   f"{describe(node, gm)} removed: it takes the whole axis")
+        whole = whole_slice_value(node)
+        if whole is not None:
+            return rewriter.bypass(self.name, node, whole,
+                                   f"{describe(node, gm)} removed: it spans the whole axis")
         repeated = self._repeated(node, rewriter) if _pure_aten(node) else None
         return repeated or self._neutral_arithmetic(node, rewriter)
 

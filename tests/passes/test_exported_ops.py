@@ -394,6 +394,24 @@ def test_exported_border_fill_becomes_padding(decompose):
 
 
 @IRS
+def test_exported_border_fill_becomes_padding_with_a_dynamic_batch(decompose):
+    """Export expands the fill to the symbolic batch size and slices/scatters the whole batch
+    axis around each write: the fill is still one value per channel."""
+    model = randomize_bn(BorderFilled().double())
+    x = random_input((2, 4, 7, 8), dtype=torch.float64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("b")},))
+    if decompose:
+        program = program.run_decompositions()
+    gm = repfuse.trace(program.module(), x)
+
+    result = run_pipeline(gm)
+
+    assert result.counts()["merge_padding"] == 1
+    assert len([m for m in gm.modules() if isinstance(m, nn.Conv2d)]) == 1
+    check_equal(model, gm, random_input((3, 4, 7, 8), seed=1, dtype=torch.float64))
+
+
+@IRS
 def test_exported_border_fill_that_is_not_per_channel_is_declined(decompose):
     generator = torch.Generator().manual_seed(3)
     value = torch.randn(1, 6, 9, 10, generator=generator, dtype=torch.float64)
