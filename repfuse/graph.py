@@ -700,7 +700,8 @@ def other_users(gm: GraphModule, node: Node, expected: Node | None = None) -> st
 
 def written_in_place(node: Node) -> bool:
     """True when ``node``'s tensor, or a view of it, may be written in place: by an aten op
-    whose schema mutates an argument, ``x[i] = v`` or an in-place method (``x.add_(y)``)."""
+    whose schema mutates an argument (an exported ``copy_`` into a slice), or as
+    :func:`mutates` says (``x[i] = v``, ``x.add_(y)``)."""
     for user in node.users:
         target = user.target
         if isinstance(target, torch._ops.OpOverload):
@@ -709,7 +710,7 @@ def written_in_place(node: Node) -> bool:
                 return True
             if any(r.alias_info is not None for r in schema.returns) and written_in_place(user):
                 return True
-        elif target is operator.setitem or (user.op == "call_method" and target.endswith("_")):
+        elif mutates(user, node):
             return True
     return False
 
