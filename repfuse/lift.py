@@ -889,7 +889,7 @@ def _per_channel(value: Any, rank: int, channels: int) -> Tensor | None:
     aligned = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape))
     if aligned.shape[1] not in (1, channels):
         return None
-    first = aligned[(0, slice(None), *(0,) * (rank - 2))] if rank > 2 else aligned[0]
+    first = aligned[(0, slice(None), *(0,) * (rank - 2))]
     broadcast = first.reshape(1, -1, *(1,) * (rank - 2)).expand_as(aligned)
     if not torch.equal(aligned, broadcast):
         return None
