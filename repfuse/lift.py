@@ -1090,12 +1090,12 @@ def replay(gm: GraphModule, chain: list[Node], data: Node) -> Node:
     return current
 
 
-_CONCATS = {torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default}
+CONCATS = {torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default}
 
 
 def channel_concat(gm: GraphModule, node: Node) -> list[Any] | None:
     """The items of ``node`` if it concatenates ``N×C×…`` tensors along the channel axis 1."""
-    if node.op != "call_function" or node.target not in _CONCATS:
+    if node.op != "call_function" or node.target not in CONCATS:
         return None
     args = bind_args(node, ("tensors", "dim"), {"dim": 0})
     items, dim, shape = args["tensors"], args["dim"], shape_of(node)

@@ -55,7 +55,7 @@ from repfuse.graph import (
     layer_view,
     shape_of,
 )
-from repfuse.passes.fold_affine import FoldBatchNorm, FoldScaleBias
+from repfuse.lift import CONCATS, affine_op
 
 Layout = tuple[tuple[int, int], ...]  # ((axis, size), ...), most significant first
 
@@ -94,7 +94,6 @@ _PERMUTE_METHODS = {"transpose", "permute", "swapaxes", "t"}
 _REDUCE = {"mean", "sum", "amax", "amin"}
 _SOFTMAX = {torch.softmax, F.softmax}
 _MATMUL = {torch.matmul, operator.matmul, torch.bmm}
-_CATS = {torch.cat, torch.concat, torch.concatenate}
 _SPLITS = {torch.split: "split", torch.chunk: "chunk", torch.unbind: "unbind"}
 _SPLIT_METHODS = {"split": "split", "chunk": "chunk", "unbind": "unbind"}
 # Reads of a tensor's metadata rather than its values.
@@ -471,13 +470,11 @@ class Pointwise(Rule):
         layout = layouts[self.node]
         if len(layout) != 1:
             return out
-        affine = None
-        for lift in (FoldBatchNorm().lift, FoldScaleBias().lift):
-            op = lift(self.node, self.gm)
-            if op is not None and not hasattr(op, "reason"):
-                affine = op.along(layout[0][0], shape_of(self.members[0]), flat_size(layout))
-                break
-        if affine is None or isinstance(affine, str):
+        op = affine_op(self.gm, self.node)
+        if op is None or isinstance(op, str):
+            return out
+        affine = op.along(layout[0][0], shape_of(self.members[0]), flat_size(layout))
+        if isinstance(affine, str):
             return out
         zero = affine.scale.eq(0) & ~out.const
         if bool(zero.any()):
@@ -1093,7 +1090,7 @@ def _function_rule(gm: GraphModule, node: Node) -> Rule | str | None:
         return None
     if target in _ARITH:
         return _arith_rule(gm, node, _ARITH[target])
-    if target in _CATS:
+    if target in CONCATS:
         args = bind_args(node, ("tensors", "dim"), {"dim": 0})
         items = args["tensors"]
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, Node) for i in items):

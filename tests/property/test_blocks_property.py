@@ -57,6 +57,9 @@ import repfuse
 from repfuse.models import randomize_bn_stats
 from repfuse.passes import run_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 NORM_MODULES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -71,15 +74,6 @@ SCALES = ("mul_add", "mul", "rmul", "div", "sub_from", "add_scalar", "sub")
 NOOPS = ("identity", "dropout", "times_one")
 # Tolerances relative to max |reference| (the verifier's defaults for these dtypes).
 TOLERANCE = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one thread is faster, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the spec of a block --------------------------------------------------------------------

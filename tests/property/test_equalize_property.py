@@ -34,13 +34,7 @@ from repfuse.graph import layer_view
 from repfuse.passes import run_passes
 from repfuse.passes.equalize import Equalize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)

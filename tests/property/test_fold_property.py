@@ -21,21 +21,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import repfuse
 from repfuse.models import randomize_bn_stats
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def assert_close(reference: Tensor, actual: Tensor) -> None:
     """``max|a - b| <= 1e-10 max|a| + 1e-12``: the absolute term for an all-zero reference (a
     strided conv that reads only its zero padding)."""
     error = (reference - actual.double()).abs().max().item()
     assert error <= F64_RTOL * reference.abs().max().item() + 1e-12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one thread is faster, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

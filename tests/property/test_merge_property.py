@@ -24,16 +24,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import repfuse
 from repfuse.models import randomize_bn_stats
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 SHAPES_2D = [(1, 1), (3, 3), (1, 3), (3, 1), (5, 5)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one thread is faster, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,10 @@ from torch import nn
 import repfuse
 from repfuse.passes import prune_dead
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 ACTIVATIONS = {"relu": torch.relu, "gelu": F.gelu, "none": lambda t: t}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
