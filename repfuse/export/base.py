@@ -29,6 +29,7 @@ from repfuse.capture import GUARD_MESSAGE, ExampleInputs, as_input_tuple
 from repfuse.errors import ExportError
 from repfuse.io import atomic_write
 from repfuse.verify import EquivalenceReport, VerifyOptions, eval_copy
+from repfuse.verify.render import describe_node_counts
 
 
 def first_line(exc: BaseException) -> str:
@@ -86,19 +87,6 @@ class ExportResult:
         if self.onnx_nodes:
             lines.append("onnx nodes: " + describe_node_counts(self.onnx_nodes))
         return lines
-
-
-def describe_node_counts(counts: Mapping[str, Mapping[str, int]]) -> str:
-    """``train 35, train+onnxsim 35, repfuse 17 (Conv 14->7, Add 9->0)``: totals, then the op
-    types whose count differs between the last two."""
-    labels = {"train": "train", "train_onnxsim": "train+onnxsim", "repfuse": "repfuse"}
-    totals = ", ".join(f"{labels.get(k, k)} {sum(v.values())}" for k, v in counts.items())
-    if "train_onnxsim" not in counts or "repfuse" not in counts:
-        return totals
-    before, after = counts["train_onnxsim"], counts["repfuse"]
-    changed = [f"{op} {before.get(op, 0)}->{after.get(op, 0)}"
-               for op in sorted(set(before) | set(after)) if before.get(op, 0) != after.get(op, 0)]
-    return f"{totals} ({', '.join(changed)})" if changed else totals
 
 
 # --- inputs ------------------------------------------------------------------------------------
