@@ -458,12 +458,14 @@ class _SpecializingTracer(_Tracer):
         if node.op == "placeholder":
             value = self.values[node]
             return value is not _UNKNOWN and not isinstance(value, Tensor)
+        of_metadata = bool(node.args) and isinstance(node.args[0], Node) and (
+            node.args[0] in self.metadata)  # x.device.type, x.shape.numel(), x.dtype.itemsize
         if node.op == "call_method":
-            return node.target in METADATA_METHODS
+            return node.target in METADATA_METHODS or of_metadata
         if node.op != "call_function":
             return False
         if node.target is getattr:
-            return len(node.args) >= 2 and node.args[1] in METADATA_ATTRIBUTES
+            return len(node.args) >= 2 and (node.args[1] in METADATA_ATTRIBUTES or of_metadata)
         if node.target in SCALAR_FUNCTIONS:
             inputs = node.all_input_nodes
             return bool(inputs) and all(n in self.metadata for n in inputs)

@@ -665,3 +665,28 @@ def test_check_runs_names_the_node_inside_a_part():
     with pytest.raises(repfuse.RepfuseError,
                        match=rf"at node 'inner.{bn.name}' in 'inner.body.1' \(BatchNorm2d\)"):
         check_runs(captured, x)
+
+
+class DeviceTypeBranch(nn.Module):
+    """A branch on the input's device type (timm's EfficientViT pads differently for meta
+    tensors): metadata, resolved while tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "meta":
+            x = F.pad(x, (1, 1, 1, 1))
+        return self.body(x)
+
+
+def test_a_branch_on_the_device_type_is_resolved_while_tracing():
+    model = randomized(DeviceTypeBranch())
+    x = random_input((1, 3, 6, 6), dtype=torch.float64)
+    fused = repfuse.fuse(model, x)
+    info = repfuse.capture_info(fused)
+    assert not info.partial
+    assert any("device.type" in d for d in info.specialized)
+    assert modules_of(fused, _BatchNorm) == []
+    assert_matches_reference(model, fused, x)
