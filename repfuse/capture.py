@@ -344,8 +344,9 @@ class _ConcreteProxy(_Proxy):
     """A proxy whose length and integer value can be asked for (the tracer answers). Item
     assignment is also run on the concrete value, in place, so later values see it."""
 
-    def __getattr__(self, k: str) -> _ConcreteAttribute:
-        return _ConcreteAttribute(self, k)
+    def __getattr__(self, k: str) -> Any:
+        plain = self.tracer.plain_attribute(self, k)
+        return _ConcreteAttribute(self, k) if plain is _UNKNOWN else plain
 
     def __len__(self) -> int:
         return self.tracer.length(self)
@@ -483,6 +484,20 @@ class _SpecializingTracer(_Tracer):
         path = scope[0] if scope else ""
         self.decisions.append((path, f"{what} {self._spell(node)} is {value!r}"))
         self.decided.append((node, "len" if what in ("len of", "iteration over") else "value"))
+
+    def plain_attribute(self, obj: Proxy, name: str) -> Any:
+        """The value of ``obj.name`` when ``obj`` is a device or dtype the example fixes and the
+        attribute a plain value (``x.device.type``, ``x.dtype.is_floating_point``): code hands
+        those to Python that takes no proxy (``torch.autocast(device_type=...)``). Recorded as
+        a decision; :data:`_UNKNOWN` otherwise (the attribute is traced)."""
+        node, value = self._known(obj)
+        if node not in self.metadata or not isinstance(value, (torch.device, torch.dtype)):
+            return _UNKNOWN
+        attribute = getattr(value, name, _UNKNOWN)
+        if not isinstance(attribute, (str, bool, int, float)):
+            return _UNKNOWN
+        self._decide(node, f"attribute .{name} of", value)
+        return attribute
 
     def to_bool(self, obj: Proxy) -> bool:
         node, value = self._known(obj)
@@ -776,9 +791,9 @@ def _inputs_read(tracer: _SpecializingTracer) -> dict[Node, frozenset | None]:
         elif on_input and (node.target in ("dim", "ndimension")
                            or (node.target is getattr and args[1:] == ("ndim",))):
             add(source, frozenset({"rank"}))
-        elif on_input and ((node.target is getattr and args[1:] in (("dtype",), ("device",)))
-                           or node.target in ("is_floating_point", "get_device")):
-            return  # not a shape: the guards check shapes only
+        elif (node.target is getattr and args[1:] in (("dtype",), ("device",))) or (
+                on_input and node.target in ("is_floating_point", "get_device")):
+            return  # not a shape (of an input or not): the guards check shapes only
         elif on_input and (node.target is getattr or node.op == "call_method"):
             add(source, _ALL)  # the whole shape, numel(), ...
         else:

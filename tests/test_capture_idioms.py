@@ -687,6 +687,33 @@ def test_a_branch_on_the_device_type_is_resolved_while_tracing():
     fused = repfuse.fuse(model, x)
     info = repfuse.capture_info(fused)
     assert not info.partial
-    assert any("device.type" in d for d in info.specialized)
+    assert any(".type of x.device" in d for d in info.specialized)
     assert modules_of(fused, _BatchNorm) == []
     assert_matches_reference(model, fused, x)
+
+
+class AutocastOff(nn.Module):
+    """Attention code that turns autocast off around a product, naming the device type of its
+    input (timm's EfficientViT LiteMLA): torch.autocast takes only a str."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = self.body(x)
+        return y * torch.sigmoid(y)
+
+
+def test_the_device_type_handed_to_autocast_is_a_plain_string():
+    model = randomized(AutocastOff())
+    x = random_input((2, 3, 6, 6), dtype=torch.float64)
+    fused = repfuse.fuse(model, x)
+    info = repfuse.capture_info(fused)
+    assert not info.partial
+    assert any(".type of" in d for d in info.specialized)
+    assert modules_of(fused, _BatchNorm) == []
+    assert_matches_reference(model, fused, x)
+    other = random_input((3, 3, 5, 7), dtype=torch.float64)  # no shape was pinned
+    assert_matches_reference(model, fused, other)
