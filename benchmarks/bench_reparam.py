@@ -16,7 +16,8 @@ import torch
 
 from repfuse.bench import time_models
 from repfuse.convert import convert, example_input
-from repfuse.models import create_model, get_spec, load_by_structure
+from repfuse.export.deploy import load_by_structure
+from repfuse.models import create_model, get_spec
 
 
 def bench_model(name: str, batch: int, repeat: int) -> dict:

@@ -33,7 +33,8 @@ from torch.utils._pytree import tree_leaves
 
 from repfuse.convert import convert, example_input
 from repfuse.export import onnx_model, onnx_node_counts, simplify_onnx
-from repfuse.models import create_model, get_spec, load_by_structure, load_fused_state_dict
+from repfuse.export.deploy import load_by_structure
+from repfuse.models import create_model, get_spec, load_fused_state_dict
 from repfuse.passes import DEFAULT_PIPELINE
 
 # ONNX opset each model needs at least (AffineGrid entered ONNX in opset 20).

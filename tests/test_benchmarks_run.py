@@ -24,7 +24,8 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 
 from repfuse.convert import convert, example_input
 from repfuse.export import onnx_model
-from repfuse.models import create_model, load_by_structure
+from repfuse.export.deploy import load_by_structure
+from repfuse.models import create_model
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 NAME, BATCH = "repvgg_tiny", 2

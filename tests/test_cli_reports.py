@@ -26,7 +26,8 @@ from torch import nn
 import repfuse
 from repfuse.cli import main
 from repfuse.convert import example_input
-from repfuse.models import create_model, load_by_structure
+from repfuse.export.deploy import load_by_structure
+from repfuse.models import create_model
 from repfuse.passes import history
 
 TINY = "resnet_tiny"

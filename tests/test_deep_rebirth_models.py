@@ -26,7 +26,8 @@ from torch.fx import GraphModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repfuse
-from repfuse.models import create_model, get_spec, load_by_structure, load_fused_state_dict
+from repfuse.export.deploy import load_by_structure
+from repfuse.models import create_model, get_spec, load_fused_state_dict
 from repfuse.models.attention import (
     DynamicConv2d,
     NonLocalBlock,

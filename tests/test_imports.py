@@ -21,11 +21,8 @@ import repfuse
 PACKAGE = Path(repfuse.__file__).parent
 
 # Imports allowed inside a function: libraries only one format needs, imported where that format
-# is read or written (onnx and onnxsim take about a second to import), and the alias
-# repfuse.models.load_by_structure, which resolves to repfuse.export on first use.
-ALLOWED_IN_FUNCTIONS = {"onnx", "onnxsim", "onnxruntime", "repfuse.export.deploy"}
-# Owned by the capture rework (issue 13): capture.fuse_parts reads passes.base lazily.
-NOT_YET: set[tuple[str, str]] = set()
+# is read or written (onnx and onnxsim take about a second to import).
+ALLOWED_IN_FUNCTIONS = {"onnx", "onnxsim", "onnxruntime"}
 
 
 def module_name(path: Path) -> str:
@@ -141,8 +138,6 @@ def test_imports_inside_functions_are_only_of_optional_or_heavy_libraries():
                 targets = imported(node, name, known) or [node.module or ""]
             for target in targets:
                 if target.split(".")[0] in ALLOWED_IN_FUNCTIONS or target in ALLOWED_IN_FUNCTIONS:
-                    continue
-                if (name, target) in NOT_YET:
                     continue
                 found.append(f"{name}:{node.lineno} imports {target}")
     assert found == []

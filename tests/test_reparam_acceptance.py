@@ -18,7 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import repfuse
 from repfuse.cli import main
-from repfuse.models import create_model, get_spec, list_models, load_by_structure
+from repfuse.export.deploy import load_by_structure
+from repfuse.models import create_model, get_spec, list_models
 
 REPARAM_MODELS = [spec.name for spec in list_models() if spec.reparameterized]
 # Models with 224x224 inputs run at 64x64 here: the rules do not depend on the spatial size.

@@ -74,16 +74,3 @@ __all__ = [
     "yolo_repconv",
 ]
 
-
-def __getattr__(name: str):
-    """``repfuse.models.load_by_structure``, which moved to :mod:`repfuse.export.deploy`.
-
-    Resolved on first use: :mod:`repfuse.export` builds on this package (zoo deploy forms,
-    through :mod:`repfuse.io`), so importing it here at the top would be a cycle.
-    """
-    if name == "load_by_structure":
-        from repfuse.export.deploy import load_by_structure
-
-        return load_by_structure
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-

@@ -24,7 +24,7 @@ Forms:
   :func:`repfuse.models.load_fused_state_dict`;
 - streamlined deploy form (``deploy=True, streamlined=True``): also each stage's last conv and
   its pool are one conv4x4/s2/p1 at the path of that conv, and the pool is gone; a fused model
-  loads into it with :func:`repfuse.models.load_by_structure`.
+  loads into it with :func:`repfuse.export.deploy.load_by_structure`.
 """
 
 from __future__ import annotations

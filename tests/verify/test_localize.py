@@ -17,7 +17,8 @@ from conftest import random_input
 from torch import Tensor, nn
 
 import repfuse
-from repfuse.models import create_model, load_by_structure, randomize_bn_stats
+from repfuse.export.deploy import load_by_structure
+from repfuse.models import create_model, randomize_bn_stats
 from repfuse.passes import history
 from repfuse.verify.compare import DEFAULT_TOLERANCES
 

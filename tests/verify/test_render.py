@@ -26,7 +26,8 @@ from rich.console import Console
 import repfuse
 from repfuse.convert import convert
 from repfuse.errors import RepfuseError
-from repfuse.models import create_model, load_by_structure
+from repfuse.export.deploy import load_by_structure
+from repfuse.models import create_model
 from repfuse.verify.render import (
     error_chart_svg,
     render,
