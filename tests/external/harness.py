@@ -587,8 +587,11 @@ def evaluate(spec: Spec, *, blocks: bool = True, keep: dict | None = None) -> Ev
     if fused32 is not None and result.deploy_outputs:
         try:  # repfuse asked for only the outputs the deploy form still computes
             subset = OutputSubset(model32, result.deploy_outputs)
-            counts, _ = op_counts(fuse_quietly(subset, x32), x32)
+            fused_subset = fuse_quietly(subset, x32)
+            counts, _ = op_counts(fused_subset, x32)
             result.conv_after_same_outputs = counts["conv"]
+            if keep is not None:
+                keep["fused_same_outputs"] = fused_subset
         except Exception as exc:
             result.failure = f"fuse the deploy form's outputs only: {first_line(exc)}"
             result.failure_at = where(exc)
