@@ -390,13 +390,38 @@ def _lift_pool(gm: GraphModule, pool: AvgPool, shape: tuple[int, ...],
                       pool.node.name)
 
 
+def _negative_pad_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
+    """``F.pad(x, [-c, -c, ...])``: a pad by negative amounts crops (whatever its fill)."""
+    names = ("input", "pad", "value") if node.target is \
+        torch.ops.aten.constant_pad_nd.default else _PAD_ARGS
+    args = bind_args(node, names, _PAD_DEFAULTS)
+    data, pads = args["input"], args["pad"]
+    shape = shape_of(data) if isinstance(data, Node) else None
+    if shape is None or len(shape) < 3 or not isinstance(pads, (list, tuple)) or _has_node(pads):
+        return None
+    if not pads or any(p > 0 for p in pads) or all(p == 0 for p in pads):
+        return None  # a real pad (zero_pad's business), or nothing
+    if args.get("mode", "constant") != "constant":
+        return None
+    spatial = len(shape) - 2
+    if len(pads) % 2 or len(pads) // 2 > spatial:
+        return data, "pads the batch or channel axes by negative amounts"
+    if any(pads[i] != pads[i + 1] for i in range(0, len(pads), 2)):
+        return data, "crops different amounts from the two ends of an axis"
+    per_axis = tuple(-p for p in reversed(pads[::2]))  # F.pad lists the last axis first
+    return data, (0,) * (spatial - len(per_axis)) + per_axis
+
+
 def crop_of(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     """``(input, per-axis crop)`` when ``node`` slices its ``N×C×spatial`` input
-    ``x[:, :, c:-c, ...]`` (or ``x[..., c:-c]``, or an exported ``aten.slice``), the same
+    ``x[:, :, c:-c, ...]`` (or ``x[..., c:-c]``, ``F.pad(x, [-c, -c, ...])``, or an exported
+    ``aten.slice``), the same
     amount from both ends of each spatial axis; a reason instead of the crop for other slices
     of the spatial axes; None when ``node`` is no such slice."""
     if node.op == "call_function" and node.target is torch.ops.aten.slice.Tensor:
         return _aten_crop(node)
+    if node.op == "call_function" and node.target in _PAD_FUNCTIONS:
+        return _negative_pad_crop(node)
     if node.op != "call_function" or node.target is not operator.getitem:
         return None
     data, index = node.args

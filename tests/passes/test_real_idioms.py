@@ -601,3 +601,24 @@ def test_batchnorm_after_a_concat_with_a_non_layer_stays() -> None:
     result, _ = check_unchanged(randomize_bn(ConcatWithInput()), (2, 3, 5, 5), fold_batchnorm)
     (decline,) = result.declined
     assert "concatenates 'x', which is not a conv/linear layer" in decline.reason
+
+
+class NegativePadCrop(nn.Module):
+    """ACNet's cropped branches written with a negative pad (``F.pad(x, [0, 0, -1, -1])``)."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.square = nn.Conv2d(channels, channels, 3)
+        self.hor = nn.Conv2d(channels, channels, (1, 3))
+        self.ver = nn.Conv2d(channels, channels, (3, 1))
+
+    def forward(self, x):
+        return (self.square(x) + self.hor(F.pad(x, [0, 0, -1, -1]))
+                + self.ver(F.pad(x, [-1, -1])))
+
+
+@DTYPES
+def test_a_negative_pad_is_a_crop(dtype) -> None:
+    gm, result = fuse_checked(NegativePadCrop(), rand((2, 4, 8, 9)), dtype=dtype)
+    assert len(modules_of(gm, nn.Conv2d)) == 1 and calls_to(gm, F.pad) == 0
+    assert result.counts()["merge_branches"] == 1
