@@ -29,11 +29,11 @@ from torch.fx import GraphModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repfuse.capture import symbolic_trace
+from repfuse.export.deploy import load_by_structure
 from repfuse.models import (
     create_model,
     get_spec,
     list_models,
-    load_by_structure,
     randomize_bn_stats,
 )
 from repfuse.models.acnet import ACBlock

@@ -58,7 +58,6 @@ __all__ = [
     "googlenet",
     "inception",
     "list_models",
-    "load_by_structure",
     "load_fused_state_dict",
     "mobileone",
     "pooled",
