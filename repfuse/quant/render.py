@@ -40,19 +40,23 @@ LAYER_HEADER = ["layer", "weight", "max/median", "per-tensor dB", "per-channel d
 
 
 def layer_rows(report: Any) -> tuple[list[str], list[list[str]]]:
-    """One row per conv/linear layer: the weight figures of the fused and equalized forms."""
+    """One row per conv/linear layer: the weight figures of the fused and equalized forms (the
+    equalized column only when the report has the equalized form)."""
     data = _data(report)
+    with_equalized = bool(data.get("equalized"))
     equalized = {layer["module"]: layer for layer in data.get("equalized", [])}
     rows = []
     for layer in data["layers"]:
         eq = equalized.get(layer["module"])
-        rows.append([
+        row = [
             layer["module"], "x".join(map(str, layer["weight_shape"])),
             ratio(layer["range_ratio"]), db(layer["sqnr_per_tensor_db"]),
             db(layer["sqnr_per_channel_db"]), db(layer["median_channel_sqnr_db"]),
             db(eq["sqnr_per_tensor_db"]) if eq else "", "; ".join(layer["flags"]),
-        ])
-    return LAYER_HEADER, rows
+        ]
+        rows.append(row if with_equalized else row[:6] + row[7:])
+    header = LAYER_HEADER if with_equalized else LAYER_HEADER[:6] + LAYER_HEADER[7:]
+    return header, rows
 
 
 def form_rows(report: Any) -> tuple[list[str], list[list[str]]]:
@@ -90,10 +94,14 @@ def summary_lines(report: Any) -> list[str]:
             eq = min(equalized, key=lambda layer: _num(layer["sqnr_per_tensor_db"]))
             line += f"; after equalize: {db(eq['sqnr_per_tensor_db'])} dB ({eq['module']})"
         lines.append(line)
-    rewrites = data.get("equalization", {}).get("rewrites", [])
-    declined = data.get("equalization", {}).get("declined", [])
-    lines.append(f"equalize: {len(rewrites)} group(s) of layers rewritten, {len(declined)} "
-                 "layer(s) left alone" + (f" (e.g. {declined[0]['reason']})" if declined else ""))
+    if data.get("equalization"):
+        rewrites = data["equalization"].get("rewrites", [])
+        declined = data["equalization"].get("declined", [])
+        lines.append(f"equalize: {len(rewrites)} group(s) of layers rewritten, {len(declined)} "
+                     "layer(s) left alone"
+                     + (f" (e.g. {declined[0]['reason']})" if declined else ""))
+    else:
+        lines.append("equalize: not run (the equalized form is left out)")
     lines.extend(data.get("notes", []))
     return lines
 
@@ -142,12 +150,14 @@ SERIES = (("sqnr_per_tensor_db", "fused, per-tensor", "#c0392b", False),
 
 def sqnr_chart_svg(report: Any, width: int = 1000, height: int = 380) -> str:
     """Grouped bars of INT8 weight SQNR per layer (fused per-tensor, per-channel, equalized
-    per-tensor) with the flagging threshold dashed. Infinite SQNR is drawn to the top."""
+    per-tensor) with the flagging threshold dashed. Infinite SQNR is drawn to the top. Without
+    the equalized form its series is left out."""
     data = _data(report)
     layers = data["layers"]
     equalized = {layer["module"]: layer for layer in data.get("equalized", [])}
+    series_drawn = [s for s in SERIES if equalized or not s[3]]
     threshold = float(data["thresholds"]["sqnr_db"])
-    values = [_num(layer[key]) for layer in layers for key, *_ in SERIES]
+    values = [_num(layer[key]) for layer in layers for key, *_ in series_drawn]
     finite = [v for v in values if math.isfinite(v)]
     high = max(60.0, math.ceil(max(finite, default=60.0) / 10) * 10)
     left, right, top, bottom = 50, 10, 28, 170
@@ -158,7 +168,7 @@ def sqnr_chart_svg(report: Any, width: int = 1000, height: int = 380) -> str:
         return top + plot_h * (1 - value / high)
 
     step = plot_w / max(len(layers), 1)
-    bar = max(step * 0.8 / len(SERIES), 1.0)
+    bar = max(step * 0.8 / len(series_drawn), 1.0)
     out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} '
            f'{height}" role="img" aria-label="INT8 weight SQNR per layer">',
            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" '
@@ -169,7 +179,7 @@ def sqnr_chart_svg(report: Any, width: int = 1000, height: int = 380) -> str:
                    f'y="{y(tick) + 4:.1f}" text-anchor="end">{tick} dB</text>')
     for index, layer in enumerate(layers):
         x0 = left + index * step + step * 0.1
-        for series, (key, label, color, from_equalized) in enumerate(SERIES):
+        for series, (key, label, color, from_equalized) in enumerate(series_drawn):
             source = equalized.get(layer["module"]) if from_equalized else layer
             if source is None:
                 continue
@@ -187,10 +197,13 @@ def sqnr_chart_svg(report: Any, width: int = 1000, height: int = 380) -> str:
     ty = y(threshold)
     out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{ty:.1f}" y2="{ty:.1f}" '
                'stroke="#333" stroke-dasharray="6 4"/>')
-    out.append(f'<text x="{left + plot_w - 4}" y="{ty - 4:.1f}" text-anchor="end">'
+    # a white halo keeps the label readable where it crosses a bar
+    out.append(f'<text x="{left + plot_w - 4}" y="{ty - 4:.1f}" text-anchor="end" '
+               'paint-order="stroke" stroke="#fff" stroke-width="3">'
                f"flagged below {threshold:g} dB</text>")
-    for series, (_, label, color, _) in enumerate(SERIES):
-        lx = left + series * 230
+    legend_step = min(230, plot_w // len(series_drawn))
+    for series, (_, label, color, _) in enumerate(series_drawn):
+        lx = left + series * legend_step
         out.append(f'<rect x="{lx}" y="8" width="12" height="12" fill="{color}"/>'
                    f'<text x="{lx + 16}" y="18">{html.escape(label)}</text>')
     out.append("</svg>")

@@ -178,6 +178,7 @@ class QuantReport:
     forms: list[FormSQNR] = field(default_factory=list)
     batches: int = 0
     notes: list[str] = field(default_factory=list)
+    calibration: str = ""  # where the calibration batches came from ("" without any)
 
     @property
     def flagged(self) -> list[LayerQuant]:
@@ -193,6 +194,7 @@ class QuantReport:
         return {
             "schema_version": SCHEMA_VERSION, "kind": "quant_report", "model": self.model,
             "thresholds": asdict(self.thresholds), "batches": self.batches,
+            "calibration": self.calibration,
             "layers": [layer.to_dict() for layer in self.layers],
             "equalized": [layer.to_dict() for layer in self.equalized],
             "equalization": self.equalization,
@@ -395,6 +397,8 @@ def quant_report(
     original: nn.Module | None = None,
     name: str | None = None,
     thresholds: Thresholds = Thresholds(),
+    equalize: bool = True,
+    calibration: str = "",
 ) -> QuantReport:
     """Measure how INT8 (and float16) will treat the fused ``model``, in float64.
 
@@ -403,7 +407,9 @@ def quant_report(
     from, lets the report read the batch norms named by the rewrite provenance (to say which
     one inflated an outlier channel) and simulate the train form. ``inputs``: calibration
     batches (a tensor, a tuple of tensors, or a list of either); without them only the weight
-    part is measured. Neither model is modified.
+    part is measured. ``equalize=False`` leaves out the equalized form (its weight figures and
+    its simulated INT8 model). ``calibration`` says where ``inputs`` came from, for the report.
+    Neither model is modified.
     """
     batches = _batches(inputs)
     source, fused = _graphs(model, batches)
@@ -411,18 +417,21 @@ def quant_report(
     layers = [layer_quant(fused, n, original, thresholds, stored.get(n.name))
               for n in _layer_nodes(fused)]
 
-    equalized_gm = copy.deepcopy(fused)
-    result = run_passes(equalized_gm, [Equalize()])
-    equalized = [layer_quant(equalized_gm, n, None, thresholds)
-                 for n in _layer_nodes(equalized_gm)]
-    equalization = {"rewrites": [r.to_dict() for r in result.rewrites],
-                    "declined": [d.to_dict() for d in result.declined]}
+    equalized_gm, equalized, equalization = None, [], {}
+    if equalize:
+        equalized_gm = copy.deepcopy(fused)
+        result = run_passes(equalized_gm, [Equalize()])
+        equalized = [layer_quant(equalized_gm, n, None, thresholds)
+                     for n in _layer_nodes(equalized_gm)]
+        equalization = {"rewrites": [r.to_dict() for r in result.rewrites],
+                        "declined": [d.to_dict() for d in result.declined]}
     notes = []
     if original is None and any(layer.outlier_channels for layer in layers):
         notes.append("outlier channels found: pass the original model to trace them to the "
                      "batch norms that caused them")
     report = QuantReport(name or type(model).__name__, thresholds, layers, equalized,
-                         equalization, batches=len(batches), notes=notes)
+                         equalization, batches=len(batches), notes=notes,
+                         calibration=calibration if batches else "")
     if not batches:
         return report
     report.activations = activation_ranges(fused, batches)
@@ -433,6 +442,8 @@ def quant_report(
         report.forms.append(FormSQNR("train", sim.per_tensor_db, sim.per_channel_db,
                                      sim.points, "batch norms folded per branch"))
     for form, gm in (("fused", fused), ("equalized", equalized_gm)):
+        if gm is None:
+            continue
         sim = simulate_int8(gm, batches)
         report.forms.append(FormSQNR(form, sim.per_tensor_db, sim.per_channel_db, sim.points))
     return report
