@@ -44,18 +44,27 @@ from repfuse.export.base import (
     without_guards,
 )
 from repfuse.io import OnnxModel, forward_parameters
-from repfuse.passes import DEFAULT_PIPELINE
+from repfuse.passes import DEFAULT_PIPELINE, Pass
+from repfuse.passes.prune import PruneDead
 from repfuse.verify import DEFAULT_VERIFY, VerifyOptions, flatten_outputs
 
 DEFAULT_OPSET = 17
 
-# The passes for a model headed for onnxruntime: the default pipeline without horizontal fusion.
-# A sibling merge leaves conv -> Split -> activations; onnxruntime materializes the Split, can no
-# longer fuse each conv with its activation, and reorders around it to and from its blocked
-# layout. Measured (benchmarks/RESULTS.md, issue 8): GoogLeNet's ONNX 8-15% slower than without
-# the merges, ResNet-50's 8-12% (one merge), slower than the train form's own ONNX. In eager
-# PyTorch the split outputs are views and the merge pays (GoogLeNet 1.06x at batch 1).
-ONNX_PIPELINE: tuple[str, ...] = tuple(p for p in DEFAULT_PIPELINE if p != "merge_siblings")
+# The passes for a model headed for onnxruntime: the default pipeline without horizontal fusion,
+# and exact pruning that keeps every pruned width a multiple of 8.
+# - A sibling merge leaves conv -> Split -> activations; onnxruntime materializes the Split, can
+#   no longer fuse each conv with its activation, and reorders around it to and from its blocked
+#   layout. Measured (benchmarks/RESULTS.md, issue 8): GoogLeNet's ONNX 8-15% slower than
+#   without the merges, ResNet-50's 8-12% (one merge), slower than the train form's own ONNX. In
+#   eager PyTorch the split outputs are views and the merge pays (GoogLeNet 1.06x at batch 1).
+# - onnxruntime's CPU convs work on blocks of 8 channels (NCHWc): 49 channels run as slowly as
+#   64. Measured (benchmarks/RESULTS.md, "Exact pruning"): the pruned sparse CNNs gained nothing
+#   in onnxruntime with odd widths (x0.93-1.16), x0.74-0.85 with widths a multiple of 8, for a
+#   few more MACs (x0.55 instead of x0.48 on the slimmed VGG); attention gained alike. Keeping a
+#   dead channel is exact, so the function is the same either way.
+ONNX_PIPELINE: tuple[str | Pass, ...] = tuple(
+    PruneDead(multiple_of=8) if p == "prune_dead" else p
+    for p in DEFAULT_PIPELINE if p != "merge_siblings")
 
 
 def input_names(model: nn.Module, count: int) -> list[str]:
