@@ -289,6 +289,8 @@ class BenchResult:
             "capture": {"partial": info.partial, "specialized": list(info.specialized)},
             "models": {"original": self.original.to_dict(), "fused": self.fused.to_dict()},
             "batches": [b.to_dict() for b in self.batches],
+            **({"approximate": self.conversion.approximate.to_dict()}
+               if self.conversion.approximate is not None else {}),
         }
 
 
@@ -318,6 +320,8 @@ def benchmark(
     warmup: int = 3,
     passes: Sequence[str] | str | None = None,
     allow_costlier: bool = False,
+    prune_below: float | None = None,
+    prune_by: str | None = None,
     name: str = "model",
     progress: ProgressCallback | None = None,
 ) -> BenchResult:
@@ -327,6 +331,8 @@ def benchmark(
     size repeat the example's rows. The model is converted (and costed) with the first size.
     Each size runs ``warmup`` untimed and ``repeat`` timed rounds of both models, interleaved
     (:func:`time_models`). ``progress(what, done, total)`` is told of every step.
+    ``prune_below``/``prune_by`` add the APPROXIMATE pruning pass, as for
+    :func:`repfuse.convert` (the result says so, with its measured error).
     """
     if repeat < 1 or warmup < 0:
         raise RepfuseError(f"repeat must be at least 1 and warmup at least 0, got {repeat} "
@@ -341,7 +347,8 @@ def benchmark(
     steps.start(f"converting {name}")
     first = with_batch(example, sizes[0])
     conversion = convert(model, first, passes=passes, verify=None, name=name,
-                         allow_costlier=allow_costlier)
+                         allow_costlier=allow_costlier, prune_below=prune_below,
+                         prune_by=prune_by)
     if conversion.capture.specialized and len(sizes) > 1:
         raise RepfuseError(f"{name} was traced specialized to its input shapes (its forward "
                            "branches on them), so the fused model runs at one batch size only: "

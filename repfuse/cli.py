@@ -2,8 +2,11 @@
 and :func:`repfuse.bench.benchmark`, and their result printed (:mod:`repfuse.verify.render`).
 
 Exit codes: 0 ok / equivalent, 1 not equivalent, 2 bad input or usage, 3 internal error (a bug
-in repfuse). Errors are one line on stderr; ``--debug`` shows the traceback. Human-readable
-output goes to stderr, machine output (``--json``) to stdout.
+in repfuse). An APPROXIMATE result (``--prune-below``, or a candidate made with it) is never
+called equivalent: 0 with its measured error reported, 1 only when it exceeds a tolerance given
+with ``--rtol``/``--atol`` (:class:`repfuse.convert.Approximation`). Errors are one line on
+stderr; ``--debug`` shows the traceback. Human-readable output goes to stderr, machine output
+(``--json``) to stdout.
 
 Options shared by commands come in groups (:func:`option_group`): a group's values reach the
 command as one dict, keyed by parameter name, which is passed on as keyword arguments (the
@@ -36,10 +39,13 @@ from repfuse.convert import (
     DeployForm,
     EmitCode,
     ExportOptions,
+    QuantOptions,
     convert,
     example_inputs,
     made_by,
     plan_outputs,
+    verify_candidate,
+    verify_report,
 )
 from repfuse.errors import RepfuseError
 from repfuse.io import (
@@ -50,7 +56,7 @@ from repfuse.io import (
 )
 from repfuse.memory import check_memory
 from repfuse.models import list_models
-from repfuse.passes import DEFAULT_PIPELINE, REGISTRY
+from repfuse.passes import DEFAULT_PIPELINE, REGISTRY, history
 from repfuse.verify import InputSet, ProgressCallback, VerifyOptions
 from repfuse.verify.inputs import load_batches
 from repfuse.verify.render import (
@@ -158,6 +164,14 @@ fusion_options = option_group(
                  help="Passes to run, comma-separated (default: all; see `repfuse passes`)."),
     click.option("--allow-costlier", is_flag=True,
                  help="Also apply exact merges the cost model says do not pay."),
+    click.option("--prune-below", type=float, metavar="T",
+                 help="APPROXIMATE: treat channels whose BN |gamma| (or filter L2 norm, with "
+                      "--prune-by norm) is below T as constant, so exact pruning removes them; "
+                      "the result is labelled approximate, with its error against the original "
+                      "(exit 0 unless --rtol/--atol are given and exceeded)."),
+    click.option("--prune-by", type=click.Choice(["gamma", "norm"]),
+                 help="What --prune-below compares with T: BN |gamma| (default, before the BN "
+                      "folds) or the conv/linear filter's L2 norm (after them)."),
 )
 
 verify_options = option_group(
@@ -222,6 +236,7 @@ def main() -> None:
       repfuse convert model.pt --arch mypkg.nets:build -o model.fused.pt
       repfuse verify resnet18 resnet18.fused.pt --trust
       repfuse inspect resnet_tiny
+      repfuse quant-report repvgg_tiny              # what INT8 will do to the fused model
       repfuse models                                # the bundled zoo
       repfuse passes
     """
@@ -321,6 +336,12 @@ def _default_output(spec: str) -> Path:
     return Path(f"{spec}.fused.pt")
 
 
+def _files_read(loaded: Source, data: dict) -> dict:
+    """The files a command read, by role, for its report's provenance."""
+    given = {"inputs": data["inputs_spec"]} if data["inputs_spec"] else {}
+    return {**loaded.files, **given}
+
+
 def _input_files(spec: str, data: dict | None) -> list[Path]:
     files = [Path(spec)] if Path(spec).exists() else []
     if data and data["inputs_spec"] and Path(data["inputs_spec"]).exists():
@@ -343,9 +364,13 @@ def _input_files(spec: str, data: dict | None) -> list[Path]:
 @report_options
 @input_options
 @verify_options
+@click.option("--quant-report", "with_quant", is_flag=True,
+              help="Add the quantization readiness report of the fused model (as `repfuse "
+                   "quant-report`; calibrated on --inputs when given) to the reports.")
 @click.option("--force", is_flag=True, help="Write the outputs even if verification fails.")
 @handles_errors
-def convert_command(model, output, exporting, source, fusion, reporting, data, checking, force):
+def convert_command(model, output, exporting, source, fusion, reporting, data, checking,
+                    with_quant, force):
     """Fuse MODEL, verify it against the original, and write the fused model.
 
     MODEL is a zoo name (see `repfuse models`), a state dict with --arch, a torch.export .pt2,
@@ -361,6 +386,8 @@ def convert_command(model, output, exporting, source, fusion, reporting, data, c
       repfuse convert whole_model.pt --trust
       repfuse convert repvgg_a0 -o repvgg_a0.onnx --dynamic-batch --emit-code out/repvgg_a0
       repfuse convert repvgg_a0 --deploy-arch repvgg_a0 -o repvgg_a0.deploy.pt
+      repfuse convert repvgg_tiny --quant-report --inputs calib.pt --report r.html
+      repfuse convert slim.pt --arch nets:slim --prune-below 1e-3 --report pruned.html
     """
     out = Path(output) if output else _default_output(model)
     outputs: list[Any] = [DeployForm(out, exporting["deploy_arch"])
@@ -377,10 +404,10 @@ def convert_command(model, output, exporting, source, fusion, reporting, data, c
         result = convert(
             loaded.loaded.module, loaded.inputs, outputs, **fusion,
             verify=verify_options_of(checking, data, loaded.input_set), export=export,
+            quant=QuantOptions(inputs=loaded.input_set) if with_quant else None,
             force=force, name=model, source=loaded.loaded.source, notes=loaded.notes,
             input_files=inputs_given, progress=show,
-            provenance=made_by(command_line(), {**loaded.files, **(
-                {"inputs": data["inputs_spec"]} if data["inputs_spec"] else {})}),
+            provenance=made_by(command_line(), _files_read(loaded, data)),
         )
     render_terminal(result, console)
     if reporting["as_json"]:
@@ -404,7 +431,9 @@ def verify_command(reference, candidate, source, candidate_arch, data, checking,
     Both are loaded like MODEL of `repfuse convert`; --arch applies to a state-dict REFERENCE
     (and CANDIDATE, unless --candidate-arch is given). When the outputs differ, the report names
     the first rewrite (or, for models repfuse did not make, the first module at a shared path)
-    whose output diverges.
+    whose output diverges. A CANDIDATE made with approximate rewrites (--prune-below) is
+    APPROXIMATE, never equivalent: exit 0 with its measured error, 1 only when it exceeds the
+    --rtol/--atol given.
 
     \b
     Examples:
@@ -419,10 +448,12 @@ def verify_command(reference, candidate, source, candidate_arch, data, checking,
     cand = load_model(candidate, arch=candidate_arch or source["arch"], trust=source["trust"])
     options = verify_options_of(checking, data, ref.input_set)
     with progress_bar(console) as show:
-        result = options.run(ref.loaded.module, cand.module, ref.inputs,
-                             reference_name=reference, candidate_name=candidate, progress=show)
+        result, approximate = verify_candidate(
+            ref.loaded.module, cand.module, ref.inputs, options,
+            rewrites=history(cand.module).rewrites, reference_name=reference,
+            candidate_name=candidate, progress=show)
     files = {**ref.files, **({"candidate": cand.path} if cand.path is not None else {})}
-    report = {"kind": "verify", **result.to_dict(), "notes": ref.notes,
+    report = {**verify_report(result, approximate), "notes": ref.notes,
               "provenance": made_by(command_line(), files)}
     render_terminal(report, console)
     for path in reports:
@@ -430,7 +461,7 @@ def verify_command(reference, candidate, source, candidate_arch, data, checking,
         console.print(f"wrote report {path}")
     if reporting["as_json"]:
         click.echo(render_json(report))
-    sys.exit(EXIT_OK if result.passed else EXIT_NOT_EQUIVALENT)
+    sys.exit(EXIT_OK if report["passed"] else EXIT_NOT_EQUIVALENT)
 
 
 @main.command()
@@ -459,6 +490,50 @@ def inspect(model, source, fusion, reporting):
                          name=model, source=loaded.loaded.source, notes=loaded.notes,
                          progress=show,
                          provenance=made_by(command_line(), loaded.files))
+    render_terminal(result, console)
+    if reporting["as_json"]:
+        click.echo(render_json(result))
+
+
+@main.command("quant-report")
+@click.argument("model")
+@model_options
+@input_options
+@click.option("--equalize/--no-equalize", default=True, show_default=True,
+              help="Include the form after exact cross-layer equalization (the equalize pass) "
+                   "beside the fused one.")
+@fusion_options
+@report_options
+@handles_errors
+def quant_report_command(model, source, data, equalize, fusion, reporting):
+    """Say how INT8 (and float16) will treat MODEL once fused, before you quantize it.
+
+    MODEL is loaded like that of `repfuse convert` and fused (not verified, nothing written but
+    the reports). Per conv/linear layer, in float64: per-channel weight ranges, the SQNR of
+    symmetric INT8 weights per tensor and per channel (computed by quantizing), outlier
+    channels and the batch norms that inflated them, float16 range; layers under 30 dB are
+    flagged. With --inputs (calibration batches, as `repfuse verify` takes them): activation
+    ranges and the end-to-end SQNR of a simulated INT8 model for the train form, the fused form
+    and the equalized form. The table goes to stderr, --json prints the report to stdout.
+    Exit 0 whatever it finds (2 bad input).
+
+    \b
+    Examples:
+      repfuse quant-report repvgg_tiny
+      repfuse quant-report weights.pt --arch mypkg.nets:build --inputs calib.pt --report q.html
+      repfuse quant-report repvgg_tiny --no-equalize --json > quant.json
+    """
+    reports = [check_report_path(r) for r in reporting["reports"]]
+    plan_outputs(reports, ExportOptions(), _input_files(model, data))
+    console = terminal_console()
+    loaded = load_source(model, source, data, batches=1)
+    with progress_bar(console) as show:
+        result = convert(
+            loaded.loaded.module, loaded.inputs, reports, **fusion, verify=None,
+            quant=QuantOptions(inputs=loaded.input_set, equalize=equalize), name=model,
+            source=loaded.loaded.source, notes=loaded.notes, progress=show,
+            provenance=made_by(command_line(), _files_read(loaded, data)),
+        )
     render_terminal(result, console)
     if reporting["as_json"]:
         click.echo(render_json(result))

@@ -9,12 +9,15 @@ fusion step alone. In order:
 2. the model is checked: finite weights, no negative BatchNorm variance, no submodule named
    like a GraphModule attribute, memory for the inputs;
 3. capture and fusion (:func:`fuse`), on an eval-mode copy;
-4. verification against the model itself (:class:`~repfuse.verify.VerifyOptions`);
+4. verification against the model itself (:class:`~repfuse.verify.VerifyOptions`); for a
+   conversion with approximate rewrites (``prune_below``) the same comparison is the
+   *measurement* of its error, and its verdict is APPROXIMATE (:class:`Approximation`);
 5. each output is written, if verification passed (or ``force``): ``.pt`` (the GraphModule,
    loaded back before it is renamed into place), ``.onnx``/``.pt2``/``.ts``, a code folder
    (:class:`EmitCode`), deploy-form weights (:class:`DeployForm`), each export checked by the
    same verification path first (:mod:`repfuse.export`);
-6. reports (``.json``/``.md``/``.html``), rendered from the same object.
+6. reports (``.json``/``.md``/``.html``), rendered from the same object, with the
+   quantization readiness report when asked (:class:`QuantOptions`).
 
 The user's model is never modified: every run is on an eval-mode copy, and a model in training
 mode is converted (and checked) in eval mode, which a note says.
@@ -67,15 +70,19 @@ from repfuse.io import (
 )
 from repfuse.io import sha256_of as file_sha256
 from repfuse.memory import check_memory
-from repfuse.passes import PassResult, resolve, run_pipeline
+from repfuse.passes import DEFAULT_PIPELINE, Pass, PassResult, Rewrite, resolve, run_pipeline
 from repfuse.passes.nonlinear import NotMergeable, not_mergeable, summarize
+from repfuse.passes.prune import PruneBelow
+from repfuse.quant import QuantReport, Thresholds, quant_report
 from repfuse.verify import (
     DEFAULT_VERIFY,
     EquivalenceReport,
+    InputSet,
     ProgressCallback,
     VerifyOptions,
     check_finite_model,
 )
+from repfuse.verify.compare import json_float
 from repfuse.verify.inputs import draw
 from repfuse.verify.render import REPORT_SUFFIXES, write_report
 
@@ -119,6 +126,28 @@ class ExportOptions:
 
 
 DEFAULT_EXPORT = ExportOptions()
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Add the quantization readiness report (:func:`repfuse.quant.quant_report`) of the fused
+    model to a conversion: ``inputs`` are the calibration batches (an
+    :class:`~repfuse.verify.InputSet` or a list of batches; ``None``: the weight figures only,
+    no activations or simulated INT8 model), ``equalize`` includes the equalized form."""
+
+    inputs: InputSet | Sequence[ExampleInputs] | None = None
+    equalize: bool = True
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def run(self, fused: nn.Module, original: nn.Module, name: str) -> QuantReport:
+        if isinstance(self.inputs, InputSet):
+            batches, source = self.inputs.batches, self.inputs.source
+        else:
+            batches = [as_input_tuple(b) for b in self.inputs or ()]
+            source = f"{len(batches)} batches given" if batches else ""
+        return quant_report(fused, batches or None, original=original, name=name,
+                            thresholds=self.thresholds, equalize=self.equalize,
+                            calibration=source)
 
 
 @dataclass(frozen=True)
@@ -199,12 +228,22 @@ class Conversion:
     notes: list[str] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)  # each file: path, kind, written, ...
     provenance: dict = field(default_factory=dict)
+    approximate: Approximation | None = None  # set when a rewrite is not exact (prune_below)
+    quant: QuantReport | None = None  # the quantization readiness report, when asked for
+
+    @property
+    def verified(self) -> bool:
+        """Verification passed or was not run; for an approximate conversion, its measured
+        error is within the tolerance given, or no tolerance was given
+        (:attr:`Approximation.passed`)."""
+        if self.approximate is not None:
+            return self.approximate.passed
+        return self.report is None or self.report.passed
 
     @property
     def passed(self) -> bool:
-        """Verification (when run) and every export check passed."""
-        verified = self.report is None or self.report.passed
-        return verified and all(export.passed for export in self.exports)
+        """Verification (when run; see :attr:`verified`) and every export check passed."""
+        return self.verified and all(export.passed for export in self.exports)
 
     def to_dict(self) -> dict:
         """The ``conversion`` section of a JSON report."""
@@ -235,18 +274,116 @@ class Conversion:
         """The full JSON report: the equivalence report (when verified) plus ``kind``,
         ``model``, ``source``, ``notes``, a ``conversion`` section, an ``export`` list (one
         entry per checked export), ``outputs`` (each file written or not, with its SHA-256)
-        and ``provenance``. ``passed`` also requires every export's check to pass."""
+        and ``provenance``; ``approximate`` when a rewrite is not exact, ``quant`` with the
+        quantization readiness report. ``passed`` is :attr:`passed`.
+
+        ``kind`` is ``convert`` when verified, ``quant`` for a quantization report without
+        verification (``repfuse quant-report``), else ``inspect``."""
         base = self.report.to_dict() if self.report is not None else {}
-        report = {"kind": "convert" if self.report is not None else "inspect", **base,
-                  "model": self.name, "source": self.source or self.name,
+        kind = "convert" if self.report is not None else (
+            "quant" if self.quant is not None else "inspect")
+        report = {"kind": kind, **base, "model": self.name, "source": self.source or self.name,
                   "notes": list(self.notes), "conversion": self.to_dict()}
+        if self.approximate is not None:
+            report["approximate"] = self.approximate.to_dict()
+        if "passed" in report:
+            report["passed"] = self.passed
         if self.exports:
             report["export"] = [export.to_dict() for export in self.exports]
-            if "passed" in report:
-                report["passed"] = self.passed
+        if self.quant is not None:
+            report["quant"] = self.quant.to_dict()
         report["outputs"] = list(self.outputs)
         report["provenance"] = dict(self.provenance)
         return report
+
+
+@dataclass
+class Approximation:
+    """What makes a result approximate and what that costs: the rewrites that are not exact
+    (``exact=False``: ``prune_below``) and the output error measured against the original run
+    in float64 (``measured``: the verifier's comparison, float64 and the deployment dtype).
+
+    An approximate result is never called equivalent: its verdict is APPROXIMATE. It passes
+    (exit code 0, outputs written) unless a tolerance was given (``rtol``/``atol`` of
+    :class:`~repfuse.verify.VerifyOptions`, ``--rtol``/``--atol``) and the measured error
+    exceeds it: an approximation is what was asked for, and the tolerance is the error the
+    user accepts.
+    """
+
+    rewrites: list[Rewrite]
+    measured: EquivalenceReport
+    tolerance_given: bool
+
+    @property
+    def passed(self) -> bool:
+        return not self.tolerance_given or self.measured.passed
+
+    @property
+    def max_rel_error(self) -> float:
+        """The worst output's max relative error in float64 against the float64 original."""
+        return self.measured.float64.worst.max_rel
+
+    def to_dict(self) -> dict:
+        """The ``approximate`` section of a report."""
+        errors = []
+        for run in self.measured.runs:
+            worst = run.worst
+            errors.append({"dtype": run.dtype, "max_rel": json_float(worst.max_rel),
+                           "max_abs": json_float(worst.max_abs),
+                           "sqnr_db": json_float(worst.sqnr_db)})
+        tolerance = self.measured.runs[0].tolerance
+        return {
+            "exact": False,
+            "passes": list(dict.fromkeys(r.pass_name for r in self.rewrites)),
+            "rewrites": [{"pass": r.pass_name, "node": r.node,
+                          "module_paths": list(r.module_paths), "detail": r.detail}
+                         for r in self.rewrites],
+            "max_rel_error": errors[0]["max_rel"], "max_abs_error": errors[0]["max_abs"],
+            "errors": errors, "measured_on": self.measured.inputs,
+            "tolerance": ({"rtol": tolerance.rtol, "atol": tolerance.atol}
+                          if self.tolerance_given else None),
+            "within_tolerance": self.measured.passed if self.tolerance_given else None,
+            "passed": self.passed,
+        }
+
+
+def verify_candidate(
+    reference: nn.Module,
+    candidate: nn.Module,
+    inputs: ExampleInputs | None,
+    verify: VerifyOptions,
+    *,
+    rewrites: Sequence[Rewrite] = (),
+    reference_name: str = "reference",
+    candidate_name: str = "candidate",
+    progress: ProgressCallback | None = None,
+) -> tuple[EquivalenceReport, Approximation | None]:
+    """Verify ``candidate`` against ``reference`` (``repfuse verify`` and :func:`convert`).
+
+    When ``rewrites`` (the candidate's history) hold approximate ones, the comparison is the
+    measurement of its error (:class:`Approximation`), returned beside the report; it is not
+    localized unless ``verify.localize`` asks (the first approximate rewrite diverges by
+    design).
+    """
+    inexact = [r for r in rewrites if not r.exact]
+    if inexact and verify.localize is None:
+        verify = verify.with_(localize=False)
+    report = verify.run(reference, candidate, inputs, reference_name=reference_name,
+                        candidate_name=candidate_name, progress=progress)
+    if not inexact:
+        return report, None
+    tolerance_given = verify.rtol is not None or verify.atol is not None
+    return report, Approximation(inexact, report, tolerance_given)
+
+
+def verify_report(report: EquivalenceReport, approximate: Approximation | None) -> dict:
+    """The report dict of ``repfuse verify``: the equivalence report, and for an approximate
+    candidate its ``approximate`` section, with ``passed`` from :attr:`Approximation.passed`."""
+    data = {"kind": "verify", **report.to_dict()}
+    if approximate is not None:
+        data["approximate"] = approximate.to_dict()
+        data["passed"] = approximate.passed
+    return data
 
 
 def made_by(command: Sequence[str] | None = None,
@@ -319,8 +456,8 @@ class _Fused:
     capture: CaptureInfo
 
 
-def _fuse(model: nn.Module, inputs: tuple[Tensor, ...], passes: Sequence[str] | str | None,
-          allow_costlier: bool) -> _Fused:
+def _fuse(model: nn.Module, inputs: tuple[Tensor, ...],
+          passes: Sequence[str | Pass] | str | None, allow_costlier: bool) -> _Fused:
     resolve(passes, allow_costlier=allow_costlier)  # an unknown pass fails before any work
     start = time.perf_counter()
     captured = _captured(model, inputs)  # a copy of the model: the passes rewrite it in place
@@ -337,7 +474,7 @@ def _fuse(model: nn.Module, inputs: tuple[Tensor, ...], passes: Sequence[str] | 
 def fuse(
     model: nn.Module,
     example_inputs: ExampleInputs,
-    passes: Sequence[str] | str | None = None,
+    passes: Sequence[str | Pass] | str | None = None,
     *,
     allow_costlier: bool = False,
 ) -> nn.Module:
@@ -374,10 +511,13 @@ def convert(
     inputs: ExampleInputs,
     outputs: Sequence[Output] = (),
     *,
-    passes: Sequence[str] | str | None = None,
+    passes: Sequence[str | Pass] | str | None = None,
     allow_costlier: bool = False,
+    prune_below: float | None = None,
+    prune_by: str | None = None,
     verify: VerifyOptions | None = DEFAULT_VERIFY,
     export: ExportOptions = DEFAULT_EXPORT,
+    quant: QuantOptions | None = None,
     force: bool = False,
     name: str = "model",
     source: str | None = None,
@@ -394,8 +534,15 @@ def convert(
     ``.onnx``, ``.pt2``, ``.ts``; ``.json``, ``.md``, ``.html`` reports) or :class:`EmitCode` /
     :class:`DeployForm`; they are written only if verification passed, or with ``force``, and
     every export is checked first. Without ``passes``, an ``.onnx`` output leaves horizontal
-    fusion out (:data:`repfuse.export.ONNX_PIPELINE`). ``allow_costlier`` also applies exact
-    merges the cost model says do not pay.
+    fusion out and keeps pruned widths a multiple of 8 (:data:`repfuse.export.ONNX_PIPELINE`).
+    ``allow_costlier`` also applies exact merges the cost model says do not pay.
+
+    ``prune_below=T`` adds the APPROXIMATE ``prune_below`` pass (``prune_by``: ``"gamma"``,
+    the default, or ``"norm"``) to the pipeline: the result is labelled approximate
+    (``Conversion.approximate``), its error against the original is measured (also with
+    ``verify=None``), it passes unless a tolerance given in ``verify`` is exceeded
+    (:class:`Approximation`), and exports are checked against the pruned model. ``quant``
+    adds the quantization readiness report of the fused model (:class:`QuantOptions`).
 
     ``name`` and ``source`` name the model in reports; ``provenance`` (from
     :func:`made_by`), ``input_files`` (files never to be overwritten) and ``notes`` (what
@@ -414,21 +561,38 @@ def convert(
                  verify.batches if verify is not None else 1, [t.dtype for t in inputs])
     if passes is None and any(p.kind == ".onnx" for p in planned):
         passes = list(ONNX_PIPELINE)
-        notes.append("merge_siblings is left out for an .onnx output (onnxruntime runs a conv + "
-                     "Split slower than the separate convs); --passes chooses the passes")
+        notes.append("for an .onnx output merge_siblings is left out (onnxruntime runs a conv + "
+                     "Split slower than the separate convs) and prune_dead keeps pruned widths "
+                     "a multiple of 8 (its convs work on blocks of 8 channels); --passes "
+                     "chooses the passes")
+    passes = with_prune_below(passes, prune_below, prune_by)
     tell("capturing and fusing", 0, 0)
     fused = _fuse(model, inputs, passes, allow_costlier)
-    report = None
+    report = approximate = None
     if verify is not None:
-        report = verify.run(model, fused.module, inputs, reference_name=name,
-                            candidate_name=f"{name} (fused)", progress=progress)
+        report, approximate = verify_candidate(
+            model, fused.module, inputs, verify, rewrites=fused.passes.rewrites,
+            reference_name=name, candidate_name=f"{name} (fused)", progress=progress)
+    elif any(not r.exact for r in fused.passes.rewrites):
+        # an approximate result always carries its measured error, verified or not
+        _, approximate = verify_candidate(
+            model, fused.module, inputs, DEFAULT_VERIFY, rewrites=fused.passes.rewrites,
+            reference_name=name, candidate_name=f"{name} (fused)", progress=progress)
+    if approximate is not None and any(p.kind != "report" for p in planned):
+        notes.append("approximate: each export is checked against the pruned model (it is "
+                     "what the file must hold); the error against the original is measured "
+                     "above")
     result = Conversion(
         fused.module, fused.passes, fused.cost_before, _cost(fused.module), fused.seconds,
         report, not_mergeable=[op for _, gm in parts_of(fused.module) for op in not_mergeable(gm)],
         capture=fused.capture, name=name, source=source or name,
         input_shapes=[list(t.shape) for t in inputs], notes=notes,
         provenance=dict(provenance) if provenance is not None else made_by(None, {}),
+        approximate=approximate,
     )
+    if quant is not None:
+        tell("measuring quantization readiness", 0, 0)
+        result.quant = quant.run(fused.module, model, name)
     try:
         _write(result, model, inputs, planned, verify or DEFAULT_VERIFY, export, force, tell)
     except RepfuseError as exc:
@@ -441,11 +605,13 @@ def _write(result: Conversion, model: nn.Module, inputs: tuple[Tensor, ...],
            planned: list[_Planned], verify: VerifyOptions, export: ExportOptions, force: bool,
            tell: ProgressCallback) -> None:
     """Write each planned output (reports last, so they list the others)."""
-    verified = result.report is None or result.report.passed
+    verified = result.verified
+    failed = ("verification failed" if result.approximate is None else
+              "the approximate model's error exceeds the tolerance given")
     for item in (p for p in planned if p.kind != "report"):
         if not (verified or force):
             result.outputs.append(_record(item, False, reason=(
-                f"verification failed (use --force to write {item.path} anyway)")))
+                f"{failed} (use --force to write {item.path} anyway)")))
             continue
         tell(f"writing {item.path}", 0, 0)
         if item.kind == "model":
@@ -470,6 +636,10 @@ def _export(result: Conversion, model: nn.Module, inputs: tuple[Tensor, ...], it
             verify: VerifyOptions, export: ExportOptions, force: bool) -> ExportResult:
     common = {"reference": model, "verify": verify, "reference_name": result.name,
               "force": force}
+    if result.approximate is not None:
+        # the file must hold the pruned model; its error against the original is measured
+        common.update(reference=result.fused, verify=verify.with_(rtol=None, atol=None),
+                      reference_name=f"{result.name} (pruned, approximate)")
     if item.kind == "code":
         return emit_code(result.fused, item.path, inputs, class_name=item.spec.class_name,
                          description=f"{result.name}, fused", **common)
@@ -492,6 +662,25 @@ def _record(item: _Planned, written: bool, *, forced: bool = False, reason: str 
     else:
         record["reason"] = reason
     return record
+
+
+def with_prune_below(passes: Sequence[str | Pass] | str | None, prune_below: float | None,
+                     prune_by: str | None) -> Sequence[str | Pass] | str | None:
+    """``passes`` (default: the default pipeline) with the APPROXIMATE ``prune_below`` pass
+    added when ``prune_below`` is a threshold (it runs before the folds for ``by="gamma"``,
+    after them for ``"norm"``: its stage says when)."""
+    if prune_below is None:
+        if prune_by is not None:
+            raise RepfuseError("--prune-by needs --prune-below (prune_by needs prune_below)")
+        return passes
+    approximate = PruneBelow(threshold=prune_below, by=prune_by or "gamma")
+    if passes is None:
+        names: list[str | Pass] = list(DEFAULT_PIPELINE)
+    elif isinstance(passes, str):
+        names = [n.strip() for n in passes.split(",") if n.strip()]
+    else:
+        names = list(passes)
+    return [*names, approximate]
 
 
 def _cost(module: nn.Module) -> GraphCost:

@@ -3,8 +3,11 @@
 The report is one dict, the JSON: :meth:`EquivalenceReport.to_dict` (``repfuse verify``),
 :meth:`repfuse.convert.Conversion.report_dict` (``convert`` and ``inspect``, with a
 ``conversion`` section), :meth:`repfuse.bench.BenchResult.to_dict` (``bench``), or any of those
-objects itself. Its ``kind`` (``verify``, ``convert``, ``inspect``, ``bench``) says which
-sections apply.
+objects itself. Its ``kind`` (``verify``, ``convert``, ``inspect``, ``bench``, ``quant``) says
+which sections apply. A report with an ``approximate`` section (a rewrite that is not exact,
+e.g. ``prune_below``) has the verdict APPROXIMATE in every rendering, never EQUIVALENT; a
+``quant`` section (the quantization readiness report, :mod:`repfuse.quant.render` makes its
+rows and chart) is drawn wherever it is present.
 
 A *section* turns the dict into renderer-neutral blocks (text, lines, tables, a chart); each
 renderer draws blocks in its own way. A block is shown everywhere, or only in the terminal (a
@@ -37,10 +40,11 @@ from rich.text import Text as RichText
 
 from repfuse.errors import RepfuseError
 from repfuse.io import write_text
+from repfuse.quant import render as quant_render
 from repfuse.verify.report import divergence_lines
 
 REPORT_SUFFIXES = (".json", ".md", ".html")
-KINDS = ("convert", "inspect", "verify", "bench")
+KINDS = ("convert", "inspect", "verify", "bench", "quant")
 ALL, TERMINAL, FILE = "all", "terminal", "file"
 
 
@@ -59,6 +63,8 @@ def kind_of(data: dict) -> str:
         return data["kind"]
     if "models" in data and "batches" in data:
         return "bench"
+    if "conversion" in data and "quant" in data and "runs" not in data:
+        return "quant"
     if "conversion" in data:
         return "convert" if "runs" in data else "inspect"
     return "verify"
@@ -100,7 +106,8 @@ def render_json(report: Any) -> str:
 
 @dataclass
 class Text:
-    """A paragraph. ``style``: ``""``, ``ok``, ``fail``, ``note``, ``muted`` or ``verdict``."""
+    """A paragraph. ``style``: ``""``, ``ok``, ``fail``, ``note``, ``muted``, ``verdict`` or
+    ``approx`` (the APPROXIMATE banner)."""
 
     text: str
     style: str = ""
@@ -140,7 +147,15 @@ class Chart:
     title: str
 
 
-Block = Text | Lines | Table | Chart
+@dataclass
+class Figure:
+    """An SVG figure drawn from the report dict elsewhere (HTML only), under ``title``."""
+
+    svg: str
+    title: str
+
+
+Block = Text | Lines | Table | Chart | Figure
 
 
 @dataclass(frozen=True)
@@ -159,7 +174,20 @@ class Section:
 
 
 def verdict(data: dict) -> str:
+    """EQUIVALENT or NOT EQUIVALENT; APPROXIMATE for a result with approximate rewrites,
+    whatever its error (an approximation is never called equivalent)."""
+    if data.get("approximate"):
+        return "APPROXIMATE"
     return "EQUIVALENT" if data.get("passed") else "NOT EQUIVALENT"
+
+
+def _status(passed: bool, data: dict) -> str:
+    """An output's or run's result word: ``ok``/``FAIL``, or ``not exact`` in an approximate
+    report without a tolerance (its error is a measurement, not a failure)."""
+    if passed:
+        return "ok"
+    approximate = data.get("approximate") or {}
+    return "not exact" if approximate and approximate.get("tolerance") is None else "FAIL"
 
 
 def fmt(value: Any) -> str:
@@ -229,11 +257,18 @@ def module_label(paths: list[str], limit: int = 48) -> str:
 
 
 def _title(data: dict) -> str:
+    title = _kind_title(data)
+    return f"{title} (APPROXIMATE)" if data.get("approximate") else title
+
+
+def _kind_title(data: dict) -> str:
     kind = kind_of(data)
     if kind == "bench":
         return f"repfuse bench: {data.get('model')}"
     if kind == "inspect":
         return f"repfuse inspect: {data.get('model')}"
+    if kind == "quant":
+        return f"repfuse quant-report: {data.get('model')}"
     return f"repfuse report: {data.get('candidate')} vs {data.get('reference')}"
 
 
@@ -241,11 +276,17 @@ def _header(data: dict) -> list[Block]:
     kind = kind_of(data)
     blocks: list[Block] = []
     conversion = data.get("conversion") or {}
-    if kind in ("convert", "inspect"):
+    if kind in ("convert", "inspect", "quant"):
         shapes = conversion.get("input_shapes") or data.get("inputs", {}).get("shapes") or []
         shown = ", ".join(str(list(s)) for s in shapes)
         blocks.append(Text(f"[bold]{data.get('source') or data.get('model')}[/]  input {shown}  "
                            f"({conversion.get('seconds', 0):.2f} s to fuse)", where=TERMINAL))
+        if kind == "quant":
+            quant = data.get("quant") or {}
+            blocks.append(Text(f"{data.get('source') or data.get('model')} · input {shown} · "
+                               f"{len(quant.get('layers', []))} conv/linear layers after fusion "
+                               f"· quant report schema {quant.get('schema_version')}", "muted",
+                               where=FILE))
     if kind == "bench":
         info = f"torch {data.get('torch')}, {data.get('threads')} threads"
         shapes = ", ".join(str(s) for s in data.get("input_shapes", []))
@@ -254,6 +295,8 @@ def _header(data: dict) -> list[Block]:
                            where=TERMINAL))
     if kind in ("convert", "verify") and "runs" in data:
         style = "ok" if data.get("passed") else "fail"
+        if data.get("approximate"):
+            style = "note"
         blocks.append(Text(verdict(data), "verdict", where=FILE, id="verdict"))
         details = [f"deployment dtype {data.get('deploy_dtype')}",
                    f"report schema {data.get('schema_version')}"]
@@ -262,6 +305,74 @@ def _header(data: dict) -> list[Block]:
             blocks.append(Text(f"[bold]{verdict(data)}[/]: {data.get('candidate')} vs "
                                f"{data.get('reference')}  (deployment dtype "
                                f"{data.get('deploy_dtype')})", style, where=TERMINAL))
+    return blocks
+
+
+def _approximate(data: dict) -> list[Block]:
+    """The APPROXIMATE banner: which rewrites are not exact, the error they cost against the
+    original in float64, and whether that passes (see :class:`repfuse.convert.Approximation`)."""
+    approx = data.get("approximate")
+    if not approx:
+        return []
+    rewrites = approx.get("rewrites", [])
+    banner = (f"APPROXIMATE, not exact: {len(rewrites)} rewrite(s) by "
+              f"{', '.join(approx.get('passes', []))} change what the model computes; "
+              f"measured against the original run in float64: max rel error "
+              f"{_e(approx['max_rel_error'])}, max abs error {_e(approx['max_abs_error'])}")
+    measured = approx.get("measured_on") or {}
+    errors = "; ".join(f"{e['dtype']}: max rel {_e(e['max_rel'])}, max abs {_e(e['max_abs'])}, "
+                       f"SQNR {_f1(e['sqnr_db'])} dB" for e in approx.get("errors", []))
+    lines = [f"measured on {measured.get('batches')} batch(es) ({measured.get('source')}): "
+             f"{errors}"]
+    tolerance = approx.get("tolerance")
+    if tolerance is None:
+        lines.append("no tolerance given: the approximation is accepted with this error (exit "
+                     "0); --rtol/--atol set the error to accept")
+    else:
+        within = "within" if approx.get("within_tolerance") else "OUTSIDE"
+        lines.append(f"{within} the tolerance given (rtol {fmt(tolerance['rtol'])}, atol "
+                     f"{fmt(tolerance['atol'])})")
+    rows = [[r["pass"], ", ".join(r["module_paths"]) or r["node"], r["detail"]]
+            for r in rewrites]
+    return [Text(banner, "approx", id="approximate"), Lines(lines, "note"),
+            Table(["pass", "original modules", "what"], rows, title="approximate rewrites",
+                  where=FILE)]
+
+
+def _quant(data: dict) -> list[Block]:
+    """The quantization readiness report: summary, simulated INT8 forms, the per-layer weight
+    SQNR (table and chart) and activation ranges. The tables are in the terminal too for
+    ``repfuse quant-report``; a conversion's terminal shows the summary."""
+    quant = data.get("quant")
+    if not quant:
+        return []
+    where = ALL if kind_of(data) == "quant" else FILE
+    lines = list(quant_render.summary_lines(quant))
+    if quant.get("calibration"):
+        lines.append(f"calibration: {quant['calibration']} ({quant['batches']} batch(es))")
+    else:
+        lines.append("no calibration inputs: weight figures only (--inputs adds activation "
+                     "ranges and the simulated INT8 model)")
+    blocks: list[Block] = [Lines(lines, "note")]
+    if quant.get("forms"):
+        header, rows = quant_render.form_rows(quant)
+        blocks.append(Table(header, rows, title="simulated INT8, end to end (SQNR against "
+                                                 "float64)", where=where))
+    blocks.append(Figure(quant_render.sqnr_chart_svg(quant, width=700, height=340),
+                         "INT8 weight SQNR per layer"))
+    header, rows = quant_render.layer_rows(quant)
+    blocks.append(Table(header, rows, title="INT8 weight SQNR per layer (symmetric, computed "
+                                             "by quantizing)",
+                        bad=[bool(layer["flags"]) for layer in quant["layers"]], where=where))
+    if quant.get("activations"):
+        header, rows = quant_render.activation_rows(quant)
+        blocks.append(Table(header, rows, title="activations (calibration inputs)",
+                            where=where))
+    declined = (quant.get("equalization") or {}).get("declined", [])
+    if declined:
+        blocks.append(Table(["equalize left alone", "why"],
+                            [[", ".join(d.get("module_paths", [])) or d["node"], d["reason"]]
+                             for d in declined], where=FILE))
     return blocks
 
 
@@ -440,7 +551,7 @@ def _run_rows(data: dict) -> tuple[list[str], list[list[Any]]]:
             m = out.get("metrics", {})
             base = out.get("baseline") or {}
             rows.append([run["dtype"], out["name"], _shape(out["shape"]),
-                         "ok" if out["passed"] else "FAIL", m.get("max_abs"), m.get("max_rel"),
+                         _status(out["passed"], data), m.get("max_abs"), m.get("max_rel"),
                          m.get("mean_abs"), m.get("p50_abs"), m.get("p90_abs"),
                          m.get("p99_abs"), m.get("cosine"), m.get("sqnr_db"),
                          base.get("max_rel")])
@@ -451,7 +562,11 @@ def _tolerance_lines(data: dict) -> list[str]:
     lines = []
     for run in data.get("runs", []):
         tol = run.get("tolerance", {})
-        lines.append(f"{run['dtype']}: {'ok' if run.get('passed') else 'FAIL'} with rtol "
+        if _status(run.get("passed"), data) == "not exact":  # no tolerance was applied
+            lines.append(f"{run['dtype']}: not exact; within rtol ≥ "
+                         f"{fmt(run.get('min_rtol_to_pass'))}")
+            continue
+        lines.append(f"{run['dtype']}: {_status(run.get('passed'), data)} with rtol "
                      f"{fmt(tol.get('rtol'))}, atol {fmt(tol.get('atol'))}; passes with rtol ≥ "
                      f"{fmt(run.get('min_rtol_to_pass'))}")
     return lines
@@ -464,7 +579,7 @@ def _summary_lines(data: dict) -> list[str]:
         worst = max(run["outputs"], key=lambda o: _sortable(o["metrics"]["max_rel"]))["metrics"]
         tol = run["tolerance"]
         lines.append(
-            f"  {run['dtype']:>8}: {'ok' if run['passed'] else 'FAIL'}  max rel "
+            f"  {run['dtype']:>8}: {_status(run['passed'], data)}  max rel "
             f"{_e(worst['max_rel'])}  max abs {_e(worst['max_abs'])}  SQNR "
             f"{_f1(worst['sqnr_db'])} dB  (rtol {tol['rtol']:g}, atol {tol['atol']:g}; passes "
             f"with rtol >= {_e(run['min_rtol_to_pass'])})")
@@ -486,6 +601,8 @@ def _outputs(data: dict) -> list[Block]:
     if "runs" not in data:
         return []
     style = "ok" if data.get("passed") else "fail"
+    if data.get("approximate"):
+        style = "note"
     header, rows = _run_rows(data)
     blocks: list[Block] = []
     if kind_of(data) == "convert":
@@ -564,6 +681,8 @@ def _divergence_terminal(data: dict) -> list[Block]:
     if kind_of(data) != "verify":
         return []
     style = "ok" if data.get("passed") else "fail"
+    if data.get("approximate"):
+        style = "note"
     lines = [line.strip() for line in divergence_lines(data)]
     if data.get("diagnosis"):
         lines.append(f"note: {data['diagnosis']}")
@@ -728,7 +847,8 @@ _KNOWN = {"schema_version", "passed", "reference", "candidate", "deploy_dtype", 
           "diagnosis", "notes", "source", "model", "outputs", "export", "provenance",
           # bench
           "torch", "threads", "device", "dtype", "repeat", "warmup", "convert_seconds",
-          "input_shapes", "capture", "models", "batches"}
+          "input_shapes", "capture", "models", "batches",
+          "approximate", "quant"}
 _KNOWN_CONVERSION = {"passes", "counts", "rewrites", "declined", "cost", "not_mergeable",
                      "partial", "parts", "skipped", "specialized", "dropped_hooks", "seconds",
                      "input_shapes"}
@@ -761,13 +881,16 @@ def _kinds(*names: str) -> frozenset[str]:
 # The report, section by section, in order. A new section is one entry here.
 SECTIONS: list[Section] = [
     Section("header", "", _header),
+    Section("approximate", "Approximate: not exact", _approximate),
     Section("notes", "Notes", _notes),
-    Section("capture", "Capture", _capture, _kinds("convert", "inspect", "bench")),
+    Section("capture", "Capture", _capture, _kinds("convert", "inspect", "bench", "quant")),
+    # what a quant-report is about comes first; in a conversion's report, after the exports
+    Section("quant", "Quantization readiness", _quant, _kinds("quant")),
     Section("blocks", "", _blocks, _kinds("inspect")),
-    Section("passes", "Passes", _passes, _kinds("convert", "inspect")),
+    Section("passes", "Passes", _passes, _kinds("convert", "inspect", "quant")),
     Section("rewrites-applied", "Rewrites applied", _rewrites_applied,
-            _kinds("convert", "inspect")),
-    Section("declined", "Declined candidates", _declined, _kinds("convert", "inspect")),
+            _kinds("convert", "inspect", "quant")),
+    Section("declined", "Declined candidates", _declined, _kinds("convert", "inspect", "quant")),
     Section("not-mergeable", "Not mergeable exactly", _not_mergeable,
             _kinds("convert", "inspect")),
     Section("cost", "Op counts and cost", _cost, _kinds("convert", "inspect")),
@@ -775,8 +898,9 @@ SECTIONS: list[Section] = [
     Section("localization", "Localization", _localization, _kinds("convert", "verify")),
     Section("divergence", "", _divergence_terminal, _kinds("verify")),
     Section("export", "Exports", _exports, _kinds("convert")),
+    Section("quantization", "Quantization readiness", _quant, _kinds("convert", "inspect")),
     Section("bench", "Original vs fused", _bench, _kinds("bench")),
-    Section("written", "Files written", _outputs_written, _kinds("convert")),
+    Section("written", "Files written", _outputs_written, _kinds("convert", "quant")),
     Section("inputs", "Inputs", _inputs, _kinds("convert", "verify")),
     Section("provenance", "Provenance", _provenance),
 ]
@@ -797,8 +921,8 @@ def _sections(data: dict, where: str) -> list[tuple[Section, list[Block]]]:
         if kind not in section.kinds:
             continue
         blocks = [b for b in section.blocks(data)
-                  if isinstance(b, Chart) and where == FILE or
-                  not isinstance(b, Chart) and b.where in (ALL, where)]
+                  if isinstance(b, (Chart, Figure)) and where == FILE or
+                  not isinstance(b, (Chart, Figure)) and b.where in (ALL, where)]
         if blocks:
             out.append((section, blocks))
     if where == FILE:
@@ -845,7 +969,8 @@ def render_markdown(report: Any) -> str:
             elif isinstance(block, Lines):
                 lines += [f"- {_plain(line).strip()}" for line in block.lines] + [""]
             elif isinstance(block, Text):
-                lines += [_plain(block.text), ""]
+                text = _plain(block.text)
+                lines += [f"**{text}**" if block.style == "approx" else text, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -859,6 +984,9 @@ h1 { font-size: 1.5em; overflow-wrap: anywhere; } h2 { font-size: 1.2em; margin-
            display: inline-block; margin: .2em 0; }
 .verdict.pass { background: #e3f6e8; color: #11612b; }
 .verdict.fail { background: #fde7e7; color: #9b1c1c; }
+.verdict.approx { background: #fff1d6; color: #7a4a00; }
+p.approx { border: 2px solid #d98c00; background: #fff7e6; color: #5c3800; font-weight: 700;
+           padding: .4em .8em; border-radius: 4px; }
 .fail { color: #9b1c1c; } .ok { color: #11612b; } .note { color: #7a5200; }
 p.fail { border-left: 4px solid #c0392b; padding: .3em .8em; background: #fff5f4; }
 .muted { color: #666; }
@@ -912,6 +1040,8 @@ def _html_block(block: Block) -> str:
     if isinstance(block, Chart):
         return (f"<h3>{html.escape(block.title[0].upper() + block.title[1:])}</h3>"
                 + error_chart_svg(block.rows, block.rtol))
+    if isinstance(block, Figure):
+        return f"<h3>{html.escape(block.title)}</h3>{block.svg}"
     if isinstance(block, Lines):
         style = f' class="{block.style}"' if block.style else ""
         items = "".join(f"<li>{html.escape(_plain(line).strip())}</li>" for line in block.lines)
@@ -925,7 +1055,7 @@ def _html_block(block: Block) -> str:
 
 
 def _verdict_class(text: str) -> str:
-    return "pass" if text == "EQUIVALENT" else "fail"
+    return {"EQUIVALENT": "pass", "APPROXIMATE": "approx"}.get(text, "fail")
 
 
 def render_html(report: Any) -> str:
@@ -1011,7 +1141,8 @@ def error_chart_svg(rows: list[dict], rtol: float, width: int = 700) -> str:
 # --- terminal -----------------------------------------------------------------------------------
 
 _NUMERIC_HEADERS = {"before", "after", "original", "fused", "original/fused"}
-_STYLES = {"ok": "green", "fail": "red", "note": "yellow", "muted": "dim", "verdict": "bold"}
+_STYLES = {"ok": "green", "fail": "red", "note": "yellow", "muted": "dim", "verdict": "bold",
+           "approx": "bold yellow"}
 
 
 def terminal_console(stderr: bool = True) -> Console:

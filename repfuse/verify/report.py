@@ -241,10 +241,14 @@ class EquivalenceReport:
 
 
 def divergence_lines(data: dict) -> list[str]:
-    """The localization verdict of a report dict in a line or two."""
+    """The localization verdict of a report dict in a line or two (none for an approximate
+    result not localized: it departs from the original by design, and its error is reported
+    as such)."""
     located = data.get("localization")
     first = data.get("first_divergence")
     lines = []
+    if data.get("approximate") and located is None:
+        return lines
     if first is not None:
         where = {"rewrite": f"rewrite {first['pass']} at node '{first['node']}'",
                  "node": f"node '{first['node']}' (not rewritten)",
@@ -257,7 +261,7 @@ def divergence_lines(data: dict) -> list[str]:
         lines.append(f"  first divergence: {where}"
                      + (f", {label} {paths}" if paths else "")
                      + f": max rel {_number(first['max_rel'])}")
-        if data.get("passed"):
+        if data.get("passed") and not data.get("approximate"):
             lines.append("  (the outputs still match on these inputs: the difference is masked "
                          "downstream, e.g. by a ReLU, and may show on other inputs)")
     elif located is not None and located["method"] == "provenance":
