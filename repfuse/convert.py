@@ -140,6 +140,10 @@ class QuantOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def run(self, fused: nn.Module, original: nn.Module, name: str) -> QuantReport:
+        if not isinstance(fused, GraphModule):
+            raise RepfuseError(f"the quantization readiness report reads one graph, but {name} "
+                               "was fused in parts (its forward keeps eager Python): not "
+                               "supported")
         if isinstance(self.inputs, InputSet):
             batches, source = self.inputs.batches, self.inputs.source
         else:
