@@ -32,10 +32,12 @@ from repfuse.capture import (
     trace,
 )
 from repfuse.convert import (
+    Approximation,
     Conversion,
     DeployForm,
     EmitCode,
     ExportOptions,
+    QuantOptions,
     convert,
     fuse,
 )
@@ -55,9 +57,10 @@ from repfuse.quant import QuantReport, quant_report
 from repfuse.verify import EquivalenceReport, VerifyOptions, verify
 
 __all__ = [
-    "DEFAULT_PIPELINE", "CaptureError", "CaptureInfo", "Conversion", "DeployForm", "EmitCode",
-    "EquivalenceReport", "ExportError", "ExportOptions", "LoadError", "ModelStructureError",
-    "PassResult", "QuantReport", "RepfuseError", "RepfuseWarning", "UnknownModelError",
+    "DEFAULT_PIPELINE", "Approximation", "CaptureError", "CaptureInfo", "Conversion",
+    "DeployForm", "EmitCode", "EquivalenceReport", "ExportError", "ExportOptions", "LoadError",
+    "ModelStructureError", "PassResult", "QuantOptions", "QuantReport", "RepfuseError",
+    "RepfuseWarning", "UnknownModelError",
     "UnsafeLoadError", "VerificationError", "VerifyOptions", "__version__", "bench",
     "capture_info", "convert", "export", "fuse", "history", "load_model", "passes",
     "quant_report", "run_pipeline", "save_model", "trace", "verify",

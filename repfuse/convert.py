@@ -582,6 +582,9 @@ def convert(
         _, approximate = verify_candidate(
             model, fused.module, inputs, DEFAULT_VERIFY, rewrites=fused.passes.rewrites,
             reference_name=name, candidate_name=f"{name} (fused)", progress=progress)
+    if prune_below is not None and approximate is None:
+        notes.append(f"prune_below found no channel under {prune_below:g}: nothing approximate "
+                     "was done, the result is exact")
     if approximate is not None and any(p.kind != "report" for p in planned):
         notes.append("approximate: each export is checked against the pruned model (it is "
                      "what the file must hold); the error against the original is measured "

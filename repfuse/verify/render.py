@@ -578,11 +578,12 @@ def _summary_lines(data: dict) -> list[str]:
     for run in data.get("runs", []):
         worst = max(run["outputs"], key=lambda o: _sortable(o["metrics"]["max_rel"]))["metrics"]
         tol = run["tolerance"]
+        status = _status(run["passed"], data)
+        applied = "" if status == "not exact" else f"rtol {tol['rtol']:g}, atol {tol['atol']:g}; "
         lines.append(
-            f"  {run['dtype']:>8}: {_status(run['passed'], data)}  max rel "
-            f"{_e(worst['max_rel'])}  max abs {_e(worst['max_abs'])}  SQNR "
-            f"{_f1(worst['sqnr_db'])} dB  (rtol {tol['rtol']:g}, atol {tol['atol']:g}; passes "
-            f"with rtol >= {_e(run['min_rtol_to_pass'])})")
+            f"  {run['dtype']:>8}: {status}  max rel {_e(worst['max_rel'])}  max abs "
+            f"{_e(worst['max_abs'])}  SQNR {_f1(worst['sqnr_db'])} dB  ({applied}passes with "
+            f"rtol >= {_e(run['min_rtol_to_pass'])})")
     if data.get("diagnosis"):
         lines.append(f"  note: {data['diagnosis']}")
     lines += divergence_lines(data)
@@ -1172,6 +1173,22 @@ def render_terminal(report: Any, console: Console, limit: int = 25) -> None:
                 console.print(f"[{color}]{block.text}[/]" if color else block.text)
 
 
+def _numbers_as_text(cells: Iterable[Any]) -> bool:
+    """Every cell is a number already formatted as text (``"21.5"``, ``"inf"``), or empty."""
+    seen = False
+    for cell in cells:
+        if not isinstance(cell, str):
+            return False
+        if not cell:
+            continue
+        try:
+            float(cell.replace(",", ""))
+        except ValueError:
+            return False
+        seen = True
+    return seen
+
+
 def _rich_table(table: Table) -> RichTable:
     keep = table.terminal_columns or list(range(len(table.header)))
     out = RichTable(title=table.title or None, title_justify="left",
@@ -1180,7 +1197,7 @@ def _rich_table(table: Table) -> RichTable:
         name = table.header[index]
         numeric = name in _NUMERIC_HEADERS or any(
             isinstance(row[index], (int, float)) and not isinstance(row[index], bool)
-            for row in table.rows)
+            for row in table.rows) or _numbers_as_text(row[index] for row in table.rows)
         # "fold" wraps a long cell instead of cutting it: a number is never shortened
         out.add_column(name, justify="right" if numeric else "left", overflow="fold")
     for index, row in enumerate(table.rows):
