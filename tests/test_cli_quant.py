@@ -21,6 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from conftest import random_input, reference64
+from int8_reference import int8_weight, sqnr_db
 from torch import nn
 
 import repfuse
@@ -35,21 +36,6 @@ SCREENSHOT = Path(__file__).parents[1] / "scripts" / "screenshot-report"
 
 def cli(*args: object) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def sqnr_db(w: np.ndarray, q: np.ndarray) -> float:
-    noise = float(((w - q) ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(float((w * w).sum()) / noise)
-
-
-def int8_weight(w: np.ndarray, per_channel: bool) -> np.ndarray:
-    """Symmetric INT8 fake quantization, scale max|w|/127 per tensor or per output channel."""
-    if per_channel:
-        top = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).reshape(-1, *[1] * (w.ndim - 1))
-    else:
-        top = np.abs(w).max()
-    scale = np.where(top > 0, top / 127, 1.0)
-    return np.clip(np.rint(w / scale), -127, 127) * scale
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_input
+from int8_reference import int8_weight, sqnr_db
 from torch import nn
 
 import repfuse
@@ -27,21 +28,6 @@ from repfuse.quant import quant_report
 from repfuse.quant.render import html_section, layer_rows, render_markdown
 
 F64 = torch.float64
-
-
-def np_sqnr(w: np.ndarray, q: np.ndarray) -> float:
-    noise = float(((w - q) ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(float((w * w).sum()) / noise)
-
-
-def np_int8_weight(w: np.ndarray, per_channel: bool) -> np.ndarray:
-    """Symmetric INT8, [-127, 127], scale max|w|/127 per tensor or per output channel."""
-    if per_channel:
-        top = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).reshape(-1, *[1] * (w.ndim - 1))
-    else:
-        top = np.abs(w).max()
-    scale = np.where(top > 0, top / 127, 1.0)
-    return np.clip(np.rint(w / scale), -127, 127) * scale
 
 
 def np_int8_activation(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -75,16 +61,16 @@ def test_weight_sqnr_matches_a_direct_fake_quantization(name: str) -> None:
     assert [layer.module for layer in report.layers] == list(layers)
     for layer in report.layers:
         w = layers[layer.module].weight.detach().double().numpy()
-        assert layer.sqnr_per_tensor_db == pytest.approx(np_sqnr(w, np_int8_weight(w, False)),
+        assert layer.sqnr_per_tensor_db == pytest.approx(sqnr_db(w, int8_weight(w, False)),
                                                          rel=1e-12)
-        assert layer.sqnr_per_channel_db == pytest.approx(np_sqnr(w, np_int8_weight(w, True)),
+        assert layer.sqnr_per_channel_db == pytest.approx(sqnr_db(w, int8_weight(w, True)),
                                                           rel=1e-12)
         ranges = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
         assert np.allclose(layer.channel_ranges, ranges, rtol=0, atol=0)
         lower_median = np.sort(ranges)[(len(ranges) - 1) // 2]  # torch's median: lower middle
         assert layer.range_ratio == pytest.approx(ranges.max() / lower_median, rel=1e-12)
-        q = np_int8_weight(w, False)
-        per_channel = [np_sqnr(w[c], q[c]) for c in range(w.shape[0])]
+        q = int8_weight(w, False)
+        per_channel = [sqnr_db(w[c], q[c]) for c in range(w.shape[0])]
         assert layer.median_channel_sqnr_db == pytest.approx(
             sorted(per_channel)[(len(per_channel) - 1) // 2], rel=1e-12)
         below = layer.sqnr_per_tensor_db < 30 or layer.sqnr_per_channel_db < 30
@@ -224,8 +210,8 @@ def test_simulated_int8_matches_a_hand_written_simulation() -> None:
         def qa(name, t):
             return torch.from_numpy(np_int8_activation(t.numpy(), *ranges[name]))
 
-        qw1 = torch.from_numpy(np_int8_weight(w1, per_channel))
-        qw2 = torch.from_numpy(np_int8_weight(w2, per_channel))
+        qw1 = torch.from_numpy(int8_weight(w1, per_channel))
+        qw2 = torch.from_numpy(int8_weight(w2, per_channel))
         h = qa("conv", F.conv2d(qa("x", x), qw1, torch.from_numpy(b1), padding=1))
         f = qa("flat", torch.flatten(F.adaptive_avg_pool2d(torch.relu(h), 1), 1))
         return qa("fc", F.linear(f, qw2, torch.from_numpy(b2)))
@@ -235,7 +221,7 @@ def test_simulated_int8_matches_a_hand_written_simulation() -> None:
     for per_channel in (False, True):
         with torch.no_grad():
             out = torch.cat([simulated(x, per_channel).reshape(-1) for x in batches]).numpy()
-        expected[per_channel] = np_sqnr(reference, out)
+        expected[per_channel] = sqnr_db(reference, out)
     gm = repfuse.trace(model, batches[0])
 
     report = quant_report(gm, batches)
