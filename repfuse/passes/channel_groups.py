@@ -133,6 +133,9 @@ class Values:
         value = torch.where(const, value.to(FOLD_DTYPE).cpu(), torch.zeros((), dtype=FOLD_DTYPE))
         return cls(const, value, [None if c else reason for c in const.tolist()])
 
+    def copy(self) -> Values:
+        return Values(self.const.clone(), self.value.clone(), list(self.why))
+
     def first_live(self, mask: Tensor | None = None) -> Live | None:
         for index, reason in enumerate(self.why):
             if reason is not None and (mask is None or bool(mask[index])):
@@ -530,14 +533,25 @@ def evaluate(gm: GraphModule, node: Node, substitutes: dict[Node, Tensor]) -> An
 
 
 @dataclass
-class Reshape(Rule):
-    """view/reshape/flatten/unflatten/squeeze/unsqueeze: channels regrouped along axes."""
+class Relabel(Rule):
+    """A layout op: the same channels, the same flat numbers, on other axes."""
 
     node: Node
     source: Node
 
     def inputs(self):
         return [self.source]
+
+    def links(self, layouts):
+        return _identity_links(self.node, [self.source], layouts)
+
+    def value(self, layouts, values):
+        return values[self.source].copy()
+
+
+@dataclass
+class Reshape(Relabel):
+    """view/reshape/flatten/unflatten/squeeze/unsqueeze: channels regrouped along axes."""
 
     def layouts(self, known, probe):
         src, dst = shape_of(self.source), shape_of(self.node)
@@ -551,25 +565,13 @@ class Reshape(Rule):
         return back if isinstance(back, str) else {self.source: back,
                                                    self.node: known[self.node]}
 
-    def links(self, layouts):
-        return _identity_links(self.node, [self.source], layouts)
-
-    def value(self, layouts, values):
-        part = values[self.source]
-        return Values(part.const.clone(), part.value.clone(), list(part.why))
-
 
 @dataclass
-class Permute(Rule):
+class Permute(Relabel):
     """transpose/permute: output axis ``k`` is input axis ``order[k]``; channels keep their
     flat numbers."""
 
-    node: Node
-    source: Node
     order: tuple[int, ...]
-
-    def inputs(self):
-        return [self.source]
 
     def layouts(self, known, probe):
         if self.source in known:
@@ -579,13 +581,6 @@ class Permute(Rule):
                     self.node: tuple((inverse[a], s) for a, s in layout)}
         layout = known[self.node]
         return {self.node: layout, self.source: tuple((self.order[a], s) for a, s in layout)}
-
-    def links(self, layouts):
-        return _identity_links(self.node, [self.source], layouts)
-
-    def value(self, layouts, values):
-        part = values[self.source]
-        return Values(part.const.clone(), part.value.clone(), list(part.why))
 
 
 @dataclass
@@ -783,7 +778,7 @@ class Piece(Rule):
             window = slice(start, start + channels)
             return Values(part.const[window].clone(), part.value[window].clone(),
                           part.why[window])
-        return Values(part.const.clone(), part.value.clone(), list(part.why))
+        return part.copy()
 
 
 @dataclass
