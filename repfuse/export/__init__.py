@@ -25,7 +25,8 @@ is used, which checks the export but not the fusion. Every exporter runs eval-mo
 models given are never modified.
 
 A new file format is a module here with an ``export_<format>(fused, example_inputs, path, *,
-reference, dynamic_axes, verify, reference_name, force)`` function, and one entry in
+reference, dynamic_axes, verify, reference_name, force)`` function (its flow, from those
+arguments to the checked write, is :class:`repfuse.export.base.FileExport`'s), and one entry in
 :data:`EXPORTERS`; ``repfuse convert -o`` and :func:`repfuse.convert` then write it.
 """
 

@@ -3,13 +3,15 @@
 :func:`checked_export` is the one path by which an artifact reaches the disk: it is built in a
 scratch folder, loaded back the way a deployment would load it, verified against the float64
 reference with the same :class:`~repfuse.verify.VerifyOptions` as ``repfuse verify``, and only
-then copied into place with :func:`repfuse.io.atomic_write`.
+then copied into place with :func:`repfuse.io.atomic_write`. An exporter of one file
+(``.onnx``, ``.pt2``, ``.ts``, deploy weights) goes there through :class:`FileExport`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import operator
 import os
 import shutil
@@ -357,3 +359,55 @@ def prepared(fused: nn.Module, reference: nn.Module | None) -> tuple[nn.Module, 
     exporter runs them, and running the user's model in training mode would change it."""
     model = eval_copy(fused)
     return model, (model if reference is None else eval_copy(reference))
+
+
+@dataclass
+class FileExport:
+    """One file to export, as every single-file exporter starts: eval-mode copies of the model
+    and of the reference (:func:`prepared`), the example inputs, the dynamic axes, and how the
+    check is run. :meth:`write` checks the artifact and writes it (:func:`checked_export`)."""
+
+    path: Path
+    model: nn.Module
+    reference: nn.Module
+    example: tuple[Tensor, ...]
+    axes: tuple[int, ...]
+    verify: VerifyOptions
+    reference_name: str
+    force: bool
+
+    @classmethod
+    def of(cls, fused: nn.Module, example_inputs: ExampleInputs | None, path: str | Path, *,
+           reference: nn.Module | None, verify: VerifyOptions, reference_name: str,
+           force: bool, dynamic_batch: bool = False,
+           dynamic_axes: Sequence[int] | None = None) -> FileExport:
+        """The export of ``fused`` (an exporter's own arguments; see :func:`example_inputs_of`
+        and :func:`dynamic_axes_of`); neither model is modified."""
+        example = example_inputs_of(fused, example_inputs)
+        axes = dynamic_axes_of(dynamic_batch, dynamic_axes)
+        model, checked_against = prepared(fused, reference)
+        return cls(Path(path), model, checked_against, example, axes, verify, reference_name,
+                   force)
+
+    @functools.cached_property
+    def check_inputs(self) -> tuple[Tensor, ...]:
+        """The example, at twice its size on each dynamic axis (:func:`resized_inputs`)."""
+        return resized_inputs(self.example, self.axes, self.verify.seed) if self.axes \
+            else self.example
+
+    @property
+    def dynamic_details(self) -> dict[str, Any]:
+        """The dynamic axes, as :attr:`ExportResult.details` gives them."""
+        return {"dynamic_batch": 0 in self.axes, "dynamic_axes": list(self.axes)}
+
+    def write(self, fmt: str, save: Callable[[Path], nn.Module], details: dict[str, Any],
+              onnx_nodes: dict[str, dict[str, int]] | None = None) -> ExportResult:
+        """Check the artifact ``save(file)`` writes to ``file`` (in a scratch folder, named as
+        :attr:`path`) and returns loaded back, on :attr:`check_inputs`; write it to
+        :attr:`path` if the check passed or ``force``."""
+        return checked_export(fmt, {self.path.name: self.path},
+                              lambda scratch: save(scratch / self.path.name),
+                              reference=self.reference, check_inputs=self.check_inputs,
+                              verify=self.verify, reference_name=self.reference_name,
+                              force=self.force, path=self.path, details=details,
+                              onnx_nodes=onnx_nodes)

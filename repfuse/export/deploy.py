@@ -20,13 +20,7 @@ from torch import Tensor, nn
 
 from repfuse.capture import ExampleInputs
 from repfuse.errors import ExportError, ModelStructureError, RepfuseError
-from repfuse.export.base import (
-    ExportResult,
-    checked_export,
-    example_inputs_of,
-    first_line,
-    prepared,
-)
+from repfuse.export.base import ExportResult, FileExport, first_line
 from repfuse.io import build_arch
 from repfuse.verify import DEFAULT_VERIFY, VerifyOptions, eval_copy
 
@@ -56,9 +50,8 @@ def export_deploy_state_dict(
     written state dict with ``torch.load(weights_only=True)`` into a fresh deploy model
     (``strict=True``) and compares it with ``reference`` (default ``fused``).
     """
-    path = Path(path)
-    example = example_inputs_of(fused, example_inputs)
-    fused, reference = prepared(fused, reference)
+    job = FileExport.of(fused, example_inputs, path, reference=reference, verify=verify,
+                        reference_name=reference_name, force=force)
     name = deploy_arch if isinstance(deploy_arch, str) else getattr(
         deploy_arch, "__qualname__", repr(deploy_arch))
 
@@ -72,7 +65,7 @@ def export_deploy_state_dict(
 
     deploy = new_deploy_model()
     try:
-        load_by_structure(deploy, fused, example)
+        load_by_structure(deploy, job.model, job.example)
     except RepfuseError as exc:
         raise ExportError(f"the fused weights do not fit --deploy-arch {name}: {exc}") from exc
     except Exception as exc:
@@ -80,17 +73,15 @@ def export_deploy_state_dict(
                           f"{first_line(exc)}") from exc
     state = {k: v.detach().cpu() for k, v in deploy.state_dict().items()}
 
-    def build(scratch: Path) -> nn.Module:
-        torch.save(state, scratch / path.name)
+    def save(artifact: Path) -> nn.Module:
+        torch.save(state, artifact)
         fresh = new_deploy_model()
-        fresh.load_state_dict(torch.load(scratch / path.name, weights_only=True), strict=True)
+        fresh.load_state_dict(torch.load(artifact, weights_only=True), strict=True)
         return fresh
 
     details = {"deploy_arch": name, "deploy_class": type(deploy).__name__,
                "run_by": f"{type(deploy).__name__}.load_state_dict(strict=True)"}
-    return checked_export("deploy_state_dict", {path.name: path}, build, reference=reference,
-                          check_inputs=example, verify=verify, reference_name=reference_name,
-                          force=force, path=path, details=details)
+    return job.write("deploy_state_dict", save, details)
 
 
 # The layers load_by_structure pairs up: those whose weights a fusion rewrites.

@@ -31,16 +31,14 @@ from repfuse.capture import ExampleInputs, as_input_tuple
 from repfuse.errors import ExportError
 from repfuse.export.base import (
     ExportResult,
+    FileExport,
     check_dynamic,
-    checked_export,
     dynamic_axes_of,
-    example_inputs_of,
     first_line,
     input_axes,
     native_output_silenced,
     prepared,
     refuse_value_branches,
-    resized_inputs,
     without_guards,
 )
 from repfuse.io import OnnxModel, forward_parameters
@@ -191,19 +189,18 @@ def export_onnx(
     :attr:`ExportResult.onnx_nodes`. Neither model is modified (the exporter runs eval-mode
     copies).
     """
-    path = Path(path)
-    example = example_inputs_of(fused, example_inputs)
-    axes = dynamic_axes_of(dynamic_batch, dynamic_axes)
-    fused, checked_against = prepared(fused, reference)
-    ours, note = _onnx_of_eval_copy(fused, example, opset, axes), None
+    job = FileExport.of(fused, example_inputs, path, reference=reference, verify=verify,
+                        reference_name=reference_name, force=force,
+                        dynamic_batch=dynamic_batch, dynamic_axes=dynamic_axes)
+    ours, note = _onnx_of_eval_copy(job.model, job.example, opset, job.axes), None
     if simplify:
         ours, note = simplify_onnx(ours)
     details: dict[str, Any] = {
-        "opset": opset, "dynamic_batch": 0 in axes, "dynamic_axes": list(axes),
+        "opset": opset, **job.dynamic_details,
         "simplified": simplify and note is None,
         "exporter": "torch.onnx.export(dynamo=False)",
         "run_by": "onnxruntime, graph optimizations disabled",
-        "inputs": input_names(fused, len(example)),
+        "inputs": input_names(job.model, len(job.example)),
     }
     if note:
         details["note"] = note
@@ -212,7 +209,7 @@ def export_onnx(
         try:
             with warnings.catch_warnings():  # the train form is exported only to be counted
                 warnings.simplefilter("ignore")
-                train = _onnx_of_eval_copy(checked_against, example, opset, axes)
+                train = _onnx_of_eval_copy(job.reference, job.example, opset, job.axes)
             nodes["train"] = onnx_node_counts(train)
             nodes["train_onnxsim"] = onnx_node_counts(simplify_onnx(train)[0])
         except ExportError as exc:
@@ -220,13 +217,8 @@ def export_onnx(
     nodes["repfuse"] = onnx_node_counts(ours)
     details["outputs"] = [o.name for o in ours.graph.output]
 
-    def build(scratch: Path) -> nn.Module:
-        artifact = scratch / path.name
+    def save(artifact: Path) -> nn.Module:
         artifact.write_bytes(ours.SerializeToString())
         return OnnxModel.from_file(artifact)
 
-    check_inputs = resized_inputs(example, axes, verify.seed) if axes else example
-    return checked_export("onnx", {path.name: path}, build, reference=checked_against,
-                          check_inputs=check_inputs, verify=verify,
-                          reference_name=reference_name, force=force, path=path,
-                          details=details, onnx_nodes=nodes)
+    return job.write("onnx", save, details, onnx_nodes=nodes)

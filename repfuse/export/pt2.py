@@ -19,15 +19,11 @@ from repfuse.capture import ExampleInputs
 from repfuse.errors import ExportError
 from repfuse.export.base import (
     ExportResult,
+    FileExport,
     check_dynamic,
-    checked_export,
-    dynamic_axes_of,
-    example_inputs_of,
     first_line,
     input_axes,
     native_output_silenced,
-    prepared,
-    resized_inputs,
 )
 from repfuse.io import load_model
 from repfuse.verify import DEFAULT_VERIFY, VerifyOptions
@@ -48,31 +44,25 @@ def export_pt2(
     """Export ``fused`` with ``torch.export``, save it, check it loaded with
     ``torch.export.load``, write it. Every input is passed to the program (one per forward
     parameter); dynamic axes as the module docstring says."""
-    path = Path(path)
-    example = example_inputs_of(fused, example_inputs)
-    axes = dynamic_axes_of(dynamic_batch, dynamic_axes)
-    fused, checked_against = prepared(fused, reference)
-    check_dynamic(fused, example, axes)
-    inputs, dynamic_shapes = example, None
-    if axes:
-        inputs = resized_inputs(example, axes, verify.seed)
+    job = FileExport.of(fused, example_inputs, path, reference=reference, verify=verify,
+                        reference_name=reference_name, force=force,
+                        dynamic_batch=dynamic_batch, dynamic_axes=dynamic_axes)
+    check_dynamic(job.model, job.example, job.axes)
+    inputs, dynamic_shapes = job.check_inputs, None  # traced at the size it is checked at
+    if job.axes:
         batch = torch.export.Dim("batch", min=1)
         dynamic_shapes = tuple(
             {a: batch if a == 0 else torch.export.Dim(f"input{i}_axis{a}", min=2) for a in own}
-            for i, own in enumerate(input_axes(inputs, axes)))
+            for i, own in enumerate(input_axes(inputs, job.axes)))
     try:
         with native_output_silenced():  # it prints the graph when it fails
-            program = torch.export.export(fused, inputs, dynamic_shapes=dynamic_shapes)
+            program = torch.export.export(job.model, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as exc:
         raise ExportError(f"torch.export failed: {first_line(exc)}") from exc
 
-    def build(scratch: Path) -> nn.Module:
-        artifact = scratch / path.name
+    def save(artifact: Path) -> nn.Module:
         torch.export.save(program, artifact)
         return load_model(str(artifact)).module  # through torch.export.load
 
-    details = {"dynamic_batch": 0 in axes, "dynamic_axes": list(axes),
-               "exporter": "torch.export.export", "run_by": "torch.export.load"}
-    return checked_export("pt2", {path.name: path}, build, reference=checked_against,
-                          check_inputs=inputs, verify=verify, reference_name=reference_name,
-                          force=force, path=path, details=details)
+    return job.write("pt2", save, {**job.dynamic_details, "exporter": "torch.export.export",
+                                   "run_by": "torch.export.load"})

@@ -22,14 +22,11 @@ from repfuse.capture import ExampleInputs, as_input_tuple
 from repfuse.errors import ExportError
 from repfuse.export.base import (
     ExportResult,
+    FileExport,
     check_dynamic,
-    checked_export,
-    dynamic_axes_of,
-    example_inputs_of,
     first_line,
     prepared,
     refuse_value_branches,
-    resized_inputs,
     without_guards,
 )
 from repfuse.graph import with_fx_codegen
@@ -82,24 +79,17 @@ def export_torchscript(
     """Script (or trace) ``fused``, save it, check it loaded with ``torch.jit.load``, write it.
     With dynamic axes (``dynamic_batch`` is axis 0) the check runs at twice the example's size
     on each."""
-    path = Path(path)
-    example = example_inputs_of(fused, example_inputs)
-    axes = dynamic_axes_of(dynamic_batch, dynamic_axes)
-    fused, checked_against = prepared(fused, reference)
-    check_dynamic(fused, example, axes)
-    script, how = _script_eval_copy(fused, example)
+    job = FileExport.of(fused, example_inputs, path, reference=reference, verify=verify,
+                        reference_name=reference_name, force=force,
+                        dynamic_batch=dynamic_batch, dynamic_axes=dynamic_axes)
+    check_dynamic(job.model, job.example, job.axes)
+    script, how = _script_eval_copy(job.model, job.example)
 
-    def build(scratch: Path) -> nn.Module:
-        artifact = scratch / path.name
+    def save(artifact: Path) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.jit.save(script, str(artifact))
             return torch.jit.load(str(artifact), map_location="cpu")
 
-    check_inputs = resized_inputs(example, axes, verify.seed) if axes else example
-    details = {"dynamic_batch": 0 in axes, "dynamic_axes": list(axes), "exporter": how,
-               "run_by": "torch.jit.load"}
-    return checked_export("torchscript", {path.name: path}, build, reference=checked_against,
-                          check_inputs=check_inputs, verify=verify,
-                          reference_name=reference_name, force=force, path=path,
-                          details=details)
+    return job.write("torchscript", save, {**job.dynamic_details, "exporter": how,
+                                           "run_by": "torch.jit.load"})
