@@ -39,16 +39,10 @@ from repfuse.export.base import (
     first_line,
     prepared,
 )
+from repfuse.graph import fetch_attr
 from repfuse.verify import DEFAULT_VERIFY, VerifyOptions
 
 CODE_FILE, WEIGHTS_FILE = "model.py", "weights.pt"
-
-
-def _get_attr(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _FlatNames:
@@ -230,7 +224,7 @@ def python_source(
             modules[name] = (node.target, gm.get_submodule(node.target))
             node.target = name
         elif node.op == "get_attr":
-            value = _get_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             if not isinstance(value, Tensor):
                 raise ExportError(f"cannot write attribute '{node.target}' "
                                   f"({type(value).__name__}) as Python source")
