@@ -48,6 +48,7 @@ from repfuse.convert import (
     verify_report,
 )
 from repfuse.errors import RepfuseError
+from repfuse.export.base import dynamic_axes_of
 from repfuse.io import (
     LoadedModel,
     forward_parameters,
@@ -312,9 +313,8 @@ def _export_options(exporting: dict) -> ExportOptions:
         except ValueError:
             raise RepfuseError(f"bad --dynamic-axes '{exporting['dynamic_axes']}': expected "
                                "integers like 0,2,3") from None
-    if exporting["dynamic_batch"] and 0 not in axes:
-        axes.insert(0, 0)
-    return ExportOptions(opset=exporting["opset"], dynamic_axes=tuple(axes))
+    return ExportOptions(opset=exporting["opset"],
+                         dynamic_axes=dynamic_axes_of(exporting["dynamic_batch"], axes))
 
 
 @contextmanager
