@@ -33,7 +33,6 @@ arguments to the checked write, is :class:`repfuse.export.base.FileExport`'s), a
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from repfuse.errors import ExportError
 from repfuse.export.base import ExportResult, describe_node_counts
@@ -57,20 +56,10 @@ EXPORTERS: dict[str, Callable[..., ExportResult]] = {
 }
 OUTPUT_TYPES = (".pt", *EXPORTERS)
 
-
-def check_output_path(path: str | Path) -> Path:
-    """``path`` if its extension names an output type repfuse writes, else an error."""
-    path = Path(path)
-    if path.suffix not in OUTPUT_TYPES:
-        raise ExportError(f"unsupported output type '{path.suffix}' for '{path}' (use "
-                          f"{', '.join(OUTPUT_TYPES[:-1])} or {OUTPUT_TYPES[-1]})")
-    return path
-
-
 __all__ = [
     "CODE_FILE", "DEFAULT_OPSET", "EXPORTERS", "ONNX_PIPELINE", "OUTPUT_TYPES", "WEIGHTS_FILE",
     "ExportError", "ExportResult", "OnnxModel", "PythonSource", "build_deploy_model",
-    "check_output_path", "describe_node_counts", "emit_code", "export_deploy_state_dict",
+    "describe_node_counts", "emit_code", "export_deploy_state_dict",
     "export_onnx", "export_pt2", "export_torchscript", "load_by_structure", "onnx_model",
     "onnx_node_counts", "python_source", "simplify_onnx", "torchscript_module",
 ]
