@@ -26,12 +26,24 @@ import torch
 import user_nets
 from click.testing import CliRunner, Result
 from conftest import random_input, reference64, rel_err
+from rich.console import Console
 from torch import Tensor, nn
 
 import repfuse
 from repfuse.cli import main
-from repfuse.export import export_onnx, export_pt2
+from repfuse.export import (
+    emit_code,
+    export_deploy_state_dict,
+    export_onnx,
+    export_pt2,
+    export_torchscript,
+    load_by_structure,
+    onnx_model,
+    torchscript_module,
+)
+from repfuse.memory import check_memory, estimate_memory
 from repfuse.verify import VerifyOptions
+from repfuse.verify.render import render_html, render_markdown, render_terminal
 
 F32_RTOL = 1e-5
 ONE_BATCH = VerifyOptions(batches=1)
@@ -106,15 +118,6 @@ def state_of(*objects) -> str:
 def _api_calls(tmp: Path):
     """(name, call) for each public API function, on a training-mode model ``m`` whose fused
     form is ``f`` (itself left in training mode by the user), input ``x``."""
-    from repfuse.export import (
-        emit_code,
-        export_deploy_state_dict,
-        export_torchscript,
-        load_by_structure,
-        onnx_model,
-        torchscript_module,
-    )
-
     return [
         ("fuse", lambda m, f, x: repfuse.fuse(m, x)),
         ("trace", lambda m, f, x: repfuse.trace(m, x)),
@@ -350,8 +353,6 @@ def test_verify_refuses_a_reference_with_nan_weights(workdir):
 
 
 def test_a_huge_input_is_refused_from_the_memory_estimate():
-    from repfuse.memory import check_memory, estimate_memory
-
     model = user_nets.rep_block()
     small = estimate_memory(model, [(1, 4, 6, 6)])
     assert small.largest_at in ("k3", "k1", "b3", "b1", "bid")
@@ -540,8 +541,6 @@ def test_convert_help_points_to_repfuse_models():
 
 
 def test_report_of_every_kind_renders_in_each_format(tmp_path):
-    from repfuse.verify.render import render_html, render_markdown, render_terminal
-
     model = user_nets.rep_block()
     x = random_input((1, 4, 6, 6))
     bench = repfuse.bench.benchmark(model, x, repeat=1, warmup=0).to_dict()
@@ -549,7 +548,5 @@ def test_report_of_every_kind_renders_in_each_format(tmp_path):
     for data in (bench, inspected):
         assert "<h1>" in render_html(data) and render_markdown(data).startswith("# repfuse")
         buffer = io.StringIO()
-        from rich.console import Console
-
         render_terminal(data, Console(file=buffer, width=200))
         assert buffer.getvalue()
