@@ -119,10 +119,10 @@ def check_arch_spec(arch: str, option: str = "--arch", *, deploy: bool = False) 
 def build_arch(arch: str, option: str = "--arch", *, deploy: bool = False) -> nn.Module:
     """Instantiate ``arch``: a zoo model name (its hand-written deploy form with ``deploy``)
     or ``package.module:factory`` (called with no arguments)."""
-    check_arch_spec(arch, option, deploy=deploy)
     if ":" not in arch:
+        check_arch_spec(arch, option, deploy=deploy)
         return create_model(arch, deploy=deploy, randomize_bn=False)
-    factory = import_factory(arch, option)
+    factory = import_factory(arch, option)  # all check_arch_spec checks of a factory spec
     try:
         model = factory()
     except Exception as exc:
