@@ -334,7 +334,7 @@ def lift(gm: GraphModule, node: Node) -> LinearStep | str | None:
     dims = len(shape) - 2
     pool = avgpool_of(gm, node)
     if pool is not None:
-        return _lift_pool(gm, pool, shape, dims)
+        return _lift_pool(pool, shape, dims)
     crop = crop_of(node)
     if crop is not None:
         data, amounts = crop
@@ -376,8 +376,7 @@ def _lift_conv(gm: GraphModule, layer: LayerView) -> LinearStep | str | None:
                       build_shape)
 
 
-def _lift_pool(gm: GraphModule, pool: AvgPool, shape: tuple[int, ...],
-               dims: int) -> LinearStep | str | None:
+def _lift_pool(pool: AvgPool, shape: tuple[int, ...], dims: int) -> LinearStep | str | None:
     if pool.dims != dims or not isinstance(pool.input, Node):
         return None
     reason = pool.settings_reason()
@@ -1118,7 +1117,7 @@ def replay(gm: GraphModule, chain: list[Node], data: Node) -> Node:
 CONCATS = {torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default}
 
 
-def channel_concat(gm: GraphModule, node: Node) -> list[Any] | None:
+def channel_concat(node: Node) -> list[Any] | None:
     """The items of ``node`` if it concatenates ``N×C×…`` tensors along the channel axis 1."""
     if node.op != "call_function" or node.target not in CONCATS:
         return None

@@ -73,8 +73,9 @@ class _FoldChannelAffine(Pass):
         chain = _layout_before(op.input)
         source = chain[0].args[0] if chain else op.input
         layer = layer_view(gm, source)
-        if layer is None and not chain and channel_concat(gm, source) is not None:
-            return self._into_concatenated(op, source, rewriter)
+        items = channel_concat(source) if layer is None and not chain else None
+        if items is not None:
+            return self._into_concatenated(op, source, items, rewriter)
         if layer is None:
             return f"{describe(source, gm)} is not a conv/linear layer with constant weights"
         reader = chain[0] if chain else op.node
@@ -106,12 +107,12 @@ class _FoldChannelAffine(Pass):
             wrap=wrap if chain else None, same_shape_as_new=layer.node,
         )
 
-    def _into_concatenated(self, op: AffineOp, cat: Node, rewriter: Rewriter) -> Rewrite | str:
+    def _into_concatenated(self, op: AffineOp, cat: Node, items: list,
+                           rewriter: Rewriter) -> Rewrite | str:
         """``a(cat([L_1(x_1), …, L_n(x_n)]))`` on the channel axis is
         ``cat([a_1(L_1(x_1)), …])`` with ``a_i`` the channels of ``a`` that ``L_i`` writes, and
         each ``a_i`` folds into its layer: one rewrite for all (MixNet's mixed convs)."""
         gm = rewriter.gm
-        items = channel_concat(gm, cat)
         if sole_user(cat) is not op.node:
             return other_users(gm, cat, op.node)
         layers = []

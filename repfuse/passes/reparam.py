@@ -106,7 +106,7 @@ class MergeBranches(Pass):
             if root is not node and root in rewriter.pending:
                 return None  # the tree's outermost add is still to come and merges it all
             return self._merge_sum(root, rewriter)
-        items = channel_concat(rewriter.gm, node)
+        items = channel_concat(node)
         if items is not None:
             return self._merge_concat(node, items, rewriter)
         return None
