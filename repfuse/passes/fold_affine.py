@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from repfuse.algebra import ChannelAffine, fold_affine_into_input, fold_affine_into_output
@@ -90,10 +91,6 @@ class _FoldChannelAffine(Pass):
         affine = op.along(axis, shape_of(op.input), layer.out_channels)
         if isinstance(affine, str):
             return affine
-        weight, bias = fold_affine_into_output(
-            layer.weight, layer.bias, affine, groups=layer.groups,
-            transposed=layer.kind == "conv_transpose",
-        )
 
         def wrap(new: Node) -> Node:
             new.meta["tensor_meta"] = layer.node.meta.get("tensor_meta")
@@ -101,7 +98,7 @@ class _FoldChannelAffine(Pass):
 
         return rewriter.replace_with_module(
             self.name, root=op.node, replaced=[layer.node, *chain, op.node],
-            module=layer.build(weight, bias), args=(layer.input,),
+            module=_with_output_affine(layer, affine), args=(layer.input,),
             module_path=layer.module_path or layer.origin_paths()[0],
             detail=f"{op.label} folded into {describe(layer.node, gm)}{_across(chain, gm)}",
             wrap=wrap if chain else None, same_shape_as_new=layer.node,
@@ -138,11 +135,8 @@ class _FoldChannelAffine(Pass):
         def folded(layer: LayerView, start: int, stop: int) -> Callable[[], Node]:
             def build() -> Node:
                 part = ChannelAffine(whole.scale[start:stop], whole.shift[start:stop])
-                weight, bias = fold_affine_into_output(
-                    layer.weight, layer.bias, part, groups=layer.groups,
-                    transposed=layer.kind == "conv_transpose")
                 path = rewriter.place_module(layer.module_path or layer.origin_paths()[0],
-                                             layer.build(weight, bias), [layer.node])
+                                             _with_output_affine(layer, part), [layer.node])
                 new = gm.graph.call_module(path, (layer.input,))
                 new.meta["tensor_meta"] = layer.node.meta.get("tensor_meta")
                 return new
@@ -191,6 +185,14 @@ class _FoldChannelAffine(Pass):
             detail=f"{op.label} folded into the input of {describe(user, gm)}"
                    f"{_across(chain, gm)}",
         )
+
+
+def _with_output_affine(layer: LayerView, affine: ChannelAffine) -> nn.Module:
+    """A fresh copy of ``layer`` computing ``affine`` of its output."""
+    weight, bias = fold_affine_into_output(layer.weight, layer.bias, affine,
+                                           groups=layer.groups,
+                                           transposed=layer.kind == "conv_transpose")
+    return layer.build(weight, bias)
 
 
 def _layout_before(node: Node) -> list[Node]:
