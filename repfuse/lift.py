@@ -60,6 +60,7 @@ from repfuse.graph import (
     describe,
     dtype_of,
     frozen_parameter,
+    has_node,
     is_metadata_helper,
     layer_view,
     new_layer,
@@ -281,7 +282,7 @@ class AvgPool:
     def settings_reason(self) -> str | None:
         """Why the pool is not :func:`avgpool_kernel` (computed sizes included), or None."""
         for name in ("kernel_size", "stride", "padding"):
-            if _has_node(getattr(self, name)):
+            if has_node(getattr(self, name)):
                 return (f"its {name.replace('_', ' ')} is computed at run time (e.g. from the "
                         "input's size)")
         return avgpool_reason(self.padding_tuple(), self.ceil_mode, self.count_include_pad,
@@ -296,12 +297,6 @@ class AvgPool:
 
     def padding_tuple(self) -> tuple[int, ...]:
         return ntuple(self.padding, self.dims)
-
-
-def _has_node(value: Any) -> bool:
-    if isinstance(value, Node):
-        return True
-    return isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value)
 
 
 def avgpool_of(gm: GraphModule, node: Node) -> AvgPool | None:
@@ -396,7 +391,7 @@ def _negative_pad_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     args = bind_args(node, names, _PAD_DEFAULTS)
     data, pads = args["input"], args["pad"]
     shape = shape_of(data) if isinstance(data, Node) else None
-    if shape is None or len(shape) < 3 or not isinstance(pads, (list, tuple)) or _has_node(pads):
+    if shape is None or len(shape) < 3 or not isinstance(pads, (list, tuple)) or has_node(pads):
         return None
     if not pads or any(p > 0 for p in pads) or all(p == 0 for p in pads):
         return None  # a real pad (zero_pad's business), or nothing
@@ -441,7 +436,7 @@ def crop_of(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     crop = []
     for item in items[2:]:
         start, stop, step = item.start, item.stop, item.step
-        if any(isinstance(v, Node) for v in (start, stop, step)):
+        if has_node((start, stop, step)):
             return data, "crops by amounts computed at run time"
         if step not in (None, 1):
             return None  # subsampling, not a crop
@@ -484,7 +479,7 @@ def _aten_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     axis = dim % len(shape)
     if axis < 2:
         return None  # a slice of the batch or channel axis: no convolution
-    if any(isinstance(v, Node) for v in (start, end, step)):
+    if has_node((start, end, step)):
         return data, "crops by amounts computed at run time"
     if step != 1:
         return None  # subsampling, not a crop
@@ -704,7 +699,7 @@ def zero_pad(gm: GraphModule, node: Node) -> tuple[Node, tuple[int, ...]] | None
     else:
         return None
     shape = shape_of(data)
-    if not isinstance(data, Node) or shape is None or _has_node(pads):
+    if not isinstance(data, Node) or shape is None or has_node(pads):
         return None
     pads = tuple(pads) if isinstance(pads, (list, tuple)) else (pads,) * (2 * (len(shape) - 2))
     if len(pads) % 2 or any(pads[i] != pads[i + 1] or pads[i] < 0
@@ -860,7 +855,7 @@ def _slice_index(node: Node, args: dict | None = None) -> tuple | None:
         args = bind_args(node, _SLICE_ARGS, _SLICE_DEFAULTS)
     shape = shape_of(node.args[0]) if isinstance(node.args[0], Node) else None
     dim, start, end, step = args["dim"], args["start"], args["end"], args["step"]
-    if shape is None or not isinstance(dim, int) or _has_node([start, end, step]):
+    if shape is None or not isinstance(dim, int) or has_node([start, end, step]):
         return None
     if end is not None and end > _INT_MAX_DIV_2:
         end = None
@@ -1046,7 +1041,7 @@ def map_axis(node: Node, axis: int) -> int | None:
     axis %= rank
     target = _layout_target(node)
     args = list(node.args[1:])
-    if _has_node(args) or any(_has_node(v) for v in node.kwargs.values()):
+    if has_node(args) or any(has_node(v) for v in node.kwargs.values()):
         return None  # axes computed at run time
     if target in _IDENTITIES:
         return axis
