@@ -710,11 +710,18 @@ def written_in_place(node: Node) -> bool:
             schema = target._schema
             if schema.is_mutable:
                 return True
-            if any(r.alias_info is not None for r in schema.returns) and written_in_place(user):
+            if aten_view(user) and written_in_place(user):
                 return True
         elif mutates(user, node):
             return True
     return False
+
+
+def aten_view(node: Node) -> bool:
+    """An aten op whose result aliases its input (``slice``, ``view``, ``select``, ...)."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and any(
+        r.alias_info is not None for r in target._schema.returns)
 
 
 def _flat_args(node: Node) -> list[Any]:

@@ -54,6 +54,7 @@ from repfuse.algebra import (
 )
 from repfuse.graph import (
     LayerView,
+    aten_view,
     batchnorm_view,
     bind_args,
     constant_value,
@@ -807,7 +808,7 @@ def _writes(pad: Node) -> tuple[Node, list[_Write]] | None:
             return None
         items.append(_Write((user, copy), _slice_index(user), copy.args[1]))
     written = {n for item in items for n in item.nodes}
-    if any(_aten_view(u) and written_in_place(u) for u in pad.users if u not in written):
+    if any(aten_view(u) and written_in_place(u) for u in pad.users if u not in written):
         return None  # written through another view
     result = pad
     while True:
@@ -822,13 +823,6 @@ def _writes(pad: Node) -> tuple[Node, list[_Write]] | None:
             return None
         items.append(write)
         result = scatters[0]
-
-
-def _aten_view(node: Node) -> bool:
-    """An aten op whose result aliases its input (``slice``, ``view``, ``select``, ...)."""
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and any(
-        r.alias_info is not None for r in target._schema.returns)
 
 
 def _scatter_write(scatter: Node, base: Node) -> _Write | None:

@@ -31,6 +31,7 @@ from torch.fx import Node
 
 from repfuse.graph import (
     arith_kind,
+    aten_view,
     bind_args,
     describe,
     dtype_of,
@@ -195,7 +196,6 @@ def _restrides(copy: Node, data: Node) -> bool:
 
 def _is_view(node: Node) -> bool:
     """An op whose result aliases its input (``aten.view`` needs compatible strides)."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return any(r.alias_info is not None for r in target._schema.returns)
+    if isinstance(node.target, torch._ops.OpOverload):
+        return aten_view(node)
     return node.op != "output"
