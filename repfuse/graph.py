@@ -724,6 +724,15 @@ def aten_view(node: Node) -> bool:
         r.alias_info is not None for r in target._schema.returns)
 
 
+def pure_aten(node: Node) -> bool:
+    """An aten op that only computes its result, the same on every call: its schema mutates
+    nothing and it draws no random numbers."""
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and not target._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in target.tags)
+
+
 def _flat_args(node: Node) -> list[Any]:
     flat: list[Any] = []
     torch.fx.node.map_aggregate((node.args, node.kwargs), flat.append)

@@ -36,6 +36,7 @@ from repfuse.graph import (
     describe,
     dtype_of,
     is_impure,
+    pure_aten,
     written_in_place,
 )
 from repfuse.lift import whole_slice_value
@@ -98,7 +99,7 @@ class RemoveNoops(Pass):
         if whole is not None:
             return rewriter.bypass(self.name, node, whole,
                                    f"{describe(node, gm)} removed: it spans the whole axis")
-        repeated = self._repeated(node, rewriter) if _pure_aten(node) else None
+        repeated = self._repeated(node, rewriter) if pure_aten(node) else None
         return repeated or self._neutral_arithmetic(node, rewriter)
 
     def _repeated(self, node: Node, rewriter: Rewriter) -> Rewrite | None:
@@ -162,14 +163,6 @@ def _removable(gm, node: Node) -> bool:
     hooked = any(getattr(module, name, None) for name in ("_forward_hooks",
                                                            "_forward_pre_hooks"))
     return own and not module.training and not hooked
-
-
-def _pure_aten(node: Node) -> bool:
-    """An aten op that only computes its result, the same on every call."""
-    target = node.target
-    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
-            and not target._schema.is_mutable
-            and torch.Tag.nondeterministic_seeded not in target.tags)
 
 
 def _same_operands(first: Any, second: Any) -> bool:
