@@ -387,9 +387,7 @@ def _lift_pool(pool: AvgPool, shape: tuple[int, ...], dims: int) -> LinearStep |
 
 def _negative_pad_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     """``F.pad(x, [-c, -c, ...])``: a pad by negative amounts crops (whatever its fill)."""
-    names = ("input", "pad", "value") if node.target is \
-        torch.ops.aten.constant_pad_nd.default else _PAD_ARGS
-    args = bind_args(node, names, _PAD_DEFAULTS)
+    args = _pad_args(node)
     data, pads = args["input"], args["pad"]
     shape = shape_of(data) if isinstance(data, Node) else None
     if shape is None or len(shape) < 3 or not isinstance(pads, (list, tuple)) or has_node(pads):
@@ -457,6 +455,7 @@ _SLICE = torch.ops.aten.slice.Tensor
 _SCATTER = torch.ops.aten.slice_scatter.default
 _SLICE_ARGS = ("input", "dim", "start", "end", "step")
 _SLICE_DEFAULTS = {"dim": 0, "start": None, "end": None, "step": 1}
+_SCATTER_ARGS = ("input", "src", *_SLICE_ARGS[1:])
 
 
 def _aten_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
@@ -545,7 +544,7 @@ def whole_slice_value(node: Node) -> Node | None:
         args = bind_args(node, _SLICE_ARGS, _SLICE_DEFAULTS)
         value = args["input"]
     else:
-        args = bind_args(node, ("input", "src", *_SLICE_ARGS[1:]), _SLICE_DEFAULTS)
+        args = bind_args(node, _SCATTER_ARGS, _SLICE_DEFAULTS)
         value = args["src"]
     data, dim, start, end, step = (args[k] for k in _SLICE_ARGS)
     shape = shape_of(data)
@@ -684,12 +683,17 @@ _PAD_DEFAULTS = {"mode": "constant", "value": None}
 _PAD_FUNCTIONS = {F.pad, torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default}
 
 
+def _pad_args(node: Node) -> dict[str, Any]:
+    """The arguments of a call in ``_PAD_FUNCTIONS`` (``aten.constant_pad_nd`` has no mode)."""
+    names = ("input", "pad", "value") if node.target is \
+        torch.ops.aten.constant_pad_nd.default else _PAD_ARGS
+    return bind_args(node, names, _PAD_DEFAULTS)
+
+
 def zero_pad(gm: GraphModule, node: Node) -> tuple[Node, tuple[int, ...]] | None:
     """``(input, per-axis padding)`` of a symmetric constant zero pad of the spatial axes."""
     if node.op == "call_function" and node.target in _PAD_FUNCTIONS:
-        names = ("input", "pad", "value") if node.target is \
-            torch.ops.aten.constant_pad_nd.default else _PAD_ARGS
-        args = bind_args(node, names, _PAD_DEFAULTS)
+        args = _pad_args(node)
         if args["mode"] != "constant" or args["value"] not in (None, 0, 0.0):
             return None
         data, pads = args["input"], args["pad"]
@@ -829,8 +833,7 @@ def _scatter_write(scatter: Node, base: Node) -> _Write | None:
     """``slice_scatter(base, src, dim, start, end)`` as ``base[index] = value``: ``src`` is
     the value, or ``copy(base[index], value)`` (how ``run_decompositions`` writes
     ``base[index].copy_(value)``)."""
-    args = bind_args(scatter, ("input", "src", "dim", "start", "end", "step"),
-                     {"dim": 0, "start": None, "end": None, "step": 1})
+    args = bind_args(scatter, _SCATTER_ARGS, _SLICE_DEFAULTS)
     index = _slice_index(scatter, args)
     src = args["src"]
     if (isinstance(src, Node) and src.op == "call_function"
