@@ -999,9 +999,7 @@ _IDENTITIES = {"contiguous", torch.ops.aten.clone.default}
 
 
 def _layout_target(node: Node) -> Any:
-    if node.op == "call_method":
-        return node.target
-    if node.op == "call_function":
+    if node.op in ("call_method", "call_function"):
         return node.target
     if node.op == "call_module" and isinstance(
             node.graph.owning_module.get_submodule(node.target), nn.Flatten):
