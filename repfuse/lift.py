@@ -425,11 +425,7 @@ def crop_of(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
         return None
     if sum(1 for i in index if i is Ellipsis) > 1:
         return None
-    items = list(index)
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        items[at:at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
-    items += [slice(None)] * (len(shape) - len(items))
+    items = _full_index(index, len(shape))
     if len(items) != len(shape) or any(i != slice(None) for i in items[:2]):
         return None  # a slice of the batch or channel axes: no convolution
     crop = []
@@ -449,6 +445,15 @@ def crop_of(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     if not any(crop):
         return None
     return data, tuple(crop)
+
+
+def _full_index(index: tuple, rank: int) -> tuple:
+    """``index`` with its ``...`` spelled out and the axes it leaves off added: one item per
+    axis of a rank-``rank`` tensor (more when it indexes more axes than that)."""
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
+    return index + (slice(None),) * (rank - len(index))
 
 
 _SLICE = torch.ops.aten.slice.Tensor
@@ -914,10 +919,7 @@ def _per_channel(value: Any, rank: int, channels: int) -> Tensor | None:
 
 def _border_strip(index: tuple, padding: tuple[int, ...], spatial: int) -> tuple[int, str] | None:
     """``(axis, 'low'|'high')`` if ``index`` selects exactly one padded border strip."""
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (2 + spatial - len(index) + 1) + index[at + 1:]
-    index = index + (slice(None),) * (2 + spatial - len(index))
+    index = _full_index(index, 2 + spatial)
     if len(index) != 2 + spatial or any(i != slice(None) for i in index[:2]):
         return None
     strip = None
