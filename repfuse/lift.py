@@ -998,6 +998,7 @@ _RESHAPES = {"reshape", "view", "reshape_as", "view_as", torch.reshape,
              torch.ops.aten.view.default, torch.ops.aten.reshape.default,
              torch.ops.aten._unsafe_view.default}
 _IDENTITIES = {"contiguous", torch.ops.aten.clone.default}
+_LAYOUTS = frozenset(_PERMUTES | _TRANSPOSES | _FLATTENS | _RESHAPES | _IDENTITIES | {nn.Flatten})
 
 
 def _layout_target(node: Node) -> Any:
@@ -1016,8 +1017,7 @@ def is_layout(node: Node) -> bool:
     if target is None:
         return False
     try:
-        return target in _PERMUTES | _TRANSPOSES | _FLATTENS | _RESHAPES | _IDENTITIES or (
-            target is nn.Flatten)
+        return target in _LAYOUTS
     except TypeError:  # an unhashable target
         return False
 
