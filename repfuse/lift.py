@@ -670,17 +670,6 @@ def sum_terms(root: Node) -> tuple[list[Term], list[Node]]:
     return terms, adds
 
 
-def scaled(kernel: Kernel, factor: float) -> Kernel:
-    """``factor · kernel(x)``: exact for ±1 (a sign flip); other factors round once, as the
-    unfused ``alpha`` multiplication does."""
-    if factor == 1.0:
-        return kernel
-    if factor == -1.0:
-        return negate(kernel)
-    return Kernel(kernel.weight * factor, kernel.bias * factor, kernel.stride, kernel.padding,
-                  kernel.dilation, kernel.groups)
-
-
 # --- zero padding ---------------------------------------------------------------------------
 
 _PAD_ARGS = ("input", "pad", "mode", "value")

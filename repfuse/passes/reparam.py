@@ -38,6 +38,7 @@ from repfuse.algebra import (
     on_meta,
     padding_reason,
     parallel_sum,
+    scaled,
 )
 from repfuse.cost import layer_cost, nodes_cost, pays
 from repfuse.graph import (
@@ -68,7 +69,6 @@ from repfuse.lift import (
     linear_module,
     numeric_padding,
     overwritten,
-    scaled,
     sum_terms,
     weight_like,
     zero_pad,
