@@ -47,7 +47,6 @@ from repfuse.algebra import (
     compose,
     crop_kernel,
     identity_kernel,
-    negate,
     ntuple,
     on_meta,
     regroup,
@@ -611,13 +610,6 @@ def branch_of(gm: GraphModule, term: Node, consumer: Node) -> Branch:
         has_conv = has_conv or step.is_conv
         current = step.input
     return Branch(term, current, kernel, tuple(nodes), has_conv, origin, stop)
-
-
-def negated(branch: Branch, shape: tuple[int, ...]) -> Branch:
-    """``branch`` subtracted: its kernel (the identity if it has none) negated."""
-    kernel = branch.kernel if branch.kernel is not None else identity_for(shape)
-    return Branch(branch.term, branch.input, negate(kernel), branch.nodes, branch.has_conv,
-                  branch.origin, branch.stop)
 
 
 # --- sums of branches -----------------------------------------------------------------------
