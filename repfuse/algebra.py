@@ -589,6 +589,17 @@ def negate(kernel: Kernel) -> Kernel:
                   kernel.groups)
 
 
+def scaled(kernel: Kernel, factor: float) -> Kernel:
+    """``factor · kernel(x)``: exact for ±1 (a sign flip); other factors round once, as the
+    unfused ``alpha`` multiplication does."""
+    if factor == 1.0:
+        return kernel
+    if factor == -1.0:
+        return negate(kernel)
+    return Kernel(kernel.weight * factor, kernel.bias * factor, kernel.stride, kernel.padding,
+                  kernel.dilation, kernel.groups)
+
+
 def crop_kernel(channels: int, crop: tuple[int, ...]) -> Kernel:
     """Cropping ``crop[a]`` pixels from both ends of each spatial axis, as the identity with
     padding ``−crop``: a conv with negative padding reads only the inner window.

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from repfuse.graph import fetch_attr, layer_view, shape_of
+from repfuse.graph import aten_view, fetch_attr, layer_view, shape_of
 
 # Ops that only reinterpret or select memory: they move no bytes in eager PyTorch.
 _VIEW_FUNCTIONS = {operator.getitem, torch.split, torch.chunk, torch.flatten, torch.reshape,
@@ -99,9 +99,8 @@ def node_macs(gm: GraphModule, node: Node) -> int:
 
 def _is_view(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_function":
-        if isinstance(node.target, torch._ops.OpOverload):  # an exported program's aten op
-            return any(r.alias_info is not None for r in node.target._schema.returns)
-        return node.target in _VIEW_FUNCTIONS
+        # an exported program's aten op moves nothing when its result aliases its input
+        return aten_view(node) or node.target in _VIEW_FUNCTIONS
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     if node.op == "call_module":

@@ -320,7 +320,7 @@ def layer_view(gm: GraphModule, node: Node) -> LayerView | None:
         return None  # weights computed at run time (dynamic conv): not a constant layer
     if bias_node is not None and not _is_attr(bias_node):
         return None
-    if any(_has_node(args[name]) for name in ("stride", "padding", "dilation", "groups",
+    if any(has_node(args[name]) for name in ("stride", "padding", "dilation", "groups",
                                                "output_padding")):
         return None  # settings computed at run time: no fixed layer
     padding = args["padding"] if isinstance(args["padding"], str) else ntuple(args["padding"],
@@ -396,7 +396,9 @@ def _paths_of_attrs(attrs: Iterable[Node]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for n in attrs for p in origin_paths_of(n)))
 
 
-def _has_node(value: Any) -> bool:
+def has_node(value: Any) -> bool:
+    """True when ``value`` is a node or a list/tuple holding one (a setting computed at run
+    time)."""
     if isinstance(value, Node):
         return True
     return isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value)
@@ -708,11 +710,27 @@ def written_in_place(node: Node) -> bool:
             schema = target._schema
             if schema.is_mutable:
                 return True
-            if any(r.alias_info is not None for r in schema.returns) and written_in_place(user):
+            if aten_view(user) and written_in_place(user):
                 return True
         elif mutates(user, node):
             return True
     return False
+
+
+def aten_view(node: Node) -> bool:
+    """An aten op whose result aliases its input (``slice``, ``view``, ``select``, ...)."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and any(
+        r.alias_info is not None for r in target._schema.returns)
+
+
+def pure_aten(node: Node) -> bool:
+    """An aten op that only computes its result, the same on every call: its schema mutates
+    nothing and it draws no random numbers."""
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and not target._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in target.tags)
 
 
 def _flat_args(node: Node) -> list[Any]:

@@ -47,19 +47,20 @@ from repfuse.algebra import (
     compose,
     crop_kernel,
     identity_kernel,
-    negate,
     ntuple,
     on_meta,
     regroup,
 )
 from repfuse.graph import (
     LayerView,
+    aten_view,
     batchnorm_view,
     bind_args,
     constant_value,
     describe,
     dtype_of,
     frozen_parameter,
+    has_node,
     is_metadata_helper,
     layer_view,
     new_layer,
@@ -281,7 +282,7 @@ class AvgPool:
     def settings_reason(self) -> str | None:
         """Why the pool is not :func:`avgpool_kernel` (computed sizes included), or None."""
         for name in ("kernel_size", "stride", "padding"):
-            if _has_node(getattr(self, name)):
+            if has_node(getattr(self, name)):
                 return (f"its {name.replace('_', ' ')} is computed at run time (e.g. from the "
                         "input's size)")
         return avgpool_reason(self.padding_tuple(), self.ceil_mode, self.count_include_pad,
@@ -296,12 +297,6 @@ class AvgPool:
 
     def padding_tuple(self) -> tuple[int, ...]:
         return ntuple(self.padding, self.dims)
-
-
-def _has_node(value: Any) -> bool:
-    if isinstance(value, Node):
-        return True
-    return isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value)
 
 
 def avgpool_of(gm: GraphModule, node: Node) -> AvgPool | None:
@@ -334,7 +329,7 @@ def lift(gm: GraphModule, node: Node) -> LinearStep | str | None:
     dims = len(shape) - 2
     pool = avgpool_of(gm, node)
     if pool is not None:
-        return _lift_pool(gm, pool, shape, dims)
+        return _lift_pool(pool, shape, dims)
     crop = crop_of(node)
     if crop is not None:
         data, amounts = crop
@@ -376,8 +371,7 @@ def _lift_conv(gm: GraphModule, layer: LayerView) -> LinearStep | str | None:
                       build_shape)
 
 
-def _lift_pool(gm: GraphModule, pool: AvgPool, shape: tuple[int, ...],
-               dims: int) -> LinearStep | str | None:
+def _lift_pool(pool: AvgPool, shape: tuple[int, ...], dims: int) -> LinearStep | str | None:
     if pool.dims != dims or not isinstance(pool.input, Node):
         return None
     reason = pool.settings_reason()
@@ -392,12 +386,10 @@ def _lift_pool(gm: GraphModule, pool: AvgPool, shape: tuple[int, ...],
 
 def _negative_pad_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     """``F.pad(x, [-c, -c, ...])``: a pad by negative amounts crops (whatever its fill)."""
-    names = ("input", "pad", "value") if node.target is \
-        torch.ops.aten.constant_pad_nd.default else _PAD_ARGS
-    args = bind_args(node, names, _PAD_DEFAULTS)
+    args = _pad_args(node)
     data, pads = args["input"], args["pad"]
     shape = shape_of(data) if isinstance(data, Node) else None
-    if shape is None or len(shape) < 3 or not isinstance(pads, (list, tuple)) or _has_node(pads):
+    if shape is None or len(shape) < 3 or not isinstance(pads, (list, tuple)) or has_node(pads):
         return None
     if not pads or any(p > 0 for p in pads) or all(p == 0 for p in pads):
         return None  # a real pad (zero_pad's business), or nothing
@@ -432,17 +424,13 @@ def crop_of(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
         return None
     if sum(1 for i in index if i is Ellipsis) > 1:
         return None
-    items = list(index)
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        items[at:at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
-    items += [slice(None)] * (len(shape) - len(items))
+    items = _full_index(index, len(shape))
     if len(items) != len(shape) or any(i != slice(None) for i in items[:2]):
         return None  # a slice of the batch or channel axes: no convolution
     crop = []
     for item in items[2:]:
         start, stop, step = item.start, item.stop, item.step
-        if any(isinstance(v, Node) for v in (start, stop, step)):
+        if has_node((start, stop, step)):
             return data, "crops by amounts computed at run time"
         if step not in (None, 1):
             return None  # subsampling, not a crop
@@ -458,10 +446,20 @@ def crop_of(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     return data, tuple(crop)
 
 
+def _full_index(index: tuple, rank: int) -> tuple:
+    """``index`` with its ``...`` spelled out and the axes it leaves off added: one item per
+    axis of a rank-``rank`` tensor (more when it indexes more axes than that)."""
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
+    return index + (slice(None),) * (rank - len(index))
+
+
 _SLICE = torch.ops.aten.slice.Tensor
 _SCATTER = torch.ops.aten.slice_scatter.default
 _SLICE_ARGS = ("input", "dim", "start", "end", "step")
 _SLICE_DEFAULTS = {"dim": 0, "start": None, "end": None, "step": 1}
+_SCATTER_ARGS = ("input", "src", *_SLICE_ARGS[1:])
 
 
 def _aten_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
@@ -485,7 +483,7 @@ def _aten_crop(node: Node) -> tuple[Node, tuple[int, ...] | str] | None:
     axis = dim % len(shape)
     if axis < 2:
         return None  # a slice of the batch or channel axis: no convolution
-    if any(isinstance(v, Node) for v in (start, end, step)):
+    if has_node((start, end, step)):
         return data, "crops by amounts computed at run time"
     if step != 1:
         return None  # subsampling, not a crop
@@ -550,7 +548,7 @@ def whole_slice_value(node: Node) -> Node | None:
         args = bind_args(node, _SLICE_ARGS, _SLICE_DEFAULTS)
         value = args["input"]
     else:
-        args = bind_args(node, ("input", "src", *_SLICE_ARGS[1:]), _SLICE_DEFAULTS)
+        args = bind_args(node, _SCATTER_ARGS, _SLICE_DEFAULTS)
         value = args["src"]
     data, dim, start, end, step = (args[k] for k in _SLICE_ARGS)
     shape = shape_of(data)
@@ -614,13 +612,6 @@ def branch_of(gm: GraphModule, term: Node, consumer: Node) -> Branch:
     return Branch(term, current, kernel, tuple(nodes), has_conv, origin, stop)
 
 
-def negated(branch: Branch, shape: tuple[int, ...]) -> Branch:
-    """``branch`` subtracted: its kernel (the identity if it has none) negated."""
-    kernel = branch.kernel if branch.kernel is not None else identity_for(shape)
-    return Branch(branch.term, branch.input, negate(kernel), branch.nodes, branch.has_conv,
-                  branch.origin, branch.stop)
-
-
 # --- sums of branches -----------------------------------------------------------------------
 
 
@@ -671,17 +662,6 @@ def sum_terms(root: Node) -> tuple[list[Term], list[Node]]:
     return terms, adds
 
 
-def scaled(kernel: Kernel, factor: float) -> Kernel:
-    """``factor · kernel(x)``: exact for ±1 (a sign flip); other factors round once, as the
-    unfused ``alpha`` multiplication does."""
-    if factor == 1.0:
-        return kernel
-    if factor == -1.0:
-        return negate(kernel)
-    return Kernel(kernel.weight * factor, kernel.bias * factor, kernel.stride, kernel.padding,
-                  kernel.dilation, kernel.groups)
-
-
 # --- zero padding ---------------------------------------------------------------------------
 
 _PAD_ARGS = ("input", "pad", "mode", "value")
@@ -689,12 +669,17 @@ _PAD_DEFAULTS = {"mode": "constant", "value": None}
 _PAD_FUNCTIONS = {F.pad, torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default}
 
 
+def _pad_args(node: Node) -> dict[str, Any]:
+    """The arguments of a call in ``_PAD_FUNCTIONS`` (``aten.constant_pad_nd`` has no mode)."""
+    names = ("input", "pad", "value") if node.target is \
+        torch.ops.aten.constant_pad_nd.default else _PAD_ARGS
+    return bind_args(node, names, _PAD_DEFAULTS)
+
+
 def zero_pad(gm: GraphModule, node: Node) -> tuple[Node, tuple[int, ...]] | None:
     """``(input, per-axis padding)`` of a symmetric constant zero pad of the spatial axes."""
     if node.op == "call_function" and node.target in _PAD_FUNCTIONS:
-        names = ("input", "pad", "value") if node.target is \
-            torch.ops.aten.constant_pad_nd.default else _PAD_ARGS
-        args = bind_args(node, names, _PAD_DEFAULTS)
+        args = _pad_args(node)
         if args["mode"] != "constant" or args["value"] not in (None, 0, 0.0):
             return None
         data, pads = args["input"], args["pad"]
@@ -705,7 +690,7 @@ def zero_pad(gm: GraphModule, node: Node) -> tuple[Node, tuple[int, ...]] | None
     else:
         return None
     shape = shape_of(data)
-    if not isinstance(data, Node) or shape is None or _has_node(pads):
+    if not isinstance(data, Node) or shape is None or has_node(pads):
         return None
     pads = tuple(pads) if isinstance(pads, (list, tuple)) else (pads,) * (2 * (len(shape) - 2))
     if len(pads) % 2 or any(pads[i] != pads[i + 1] or pads[i] < 0
@@ -813,7 +798,7 @@ def _writes(pad: Node) -> tuple[Node, list[_Write]] | None:
             return None
         items.append(_Write((user, copy), _slice_index(user), copy.args[1]))
     written = {n for item in items for n in item.nodes}
-    if any(_aten_view(u) and written_in_place(u) for u in pad.users if u not in written):
+    if any(aten_view(u) and written_in_place(u) for u in pad.users if u not in written):
         return None  # written through another view
     result = pad
     while True:
@@ -830,19 +815,11 @@ def _writes(pad: Node) -> tuple[Node, list[_Write]] | None:
         result = scatters[0]
 
 
-def _aten_view(node: Node) -> bool:
-    """An aten op whose result aliases its input (``slice``, ``view``, ``select``, ...)."""
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and any(
-        r.alias_info is not None for r in target._schema.returns)
-
-
 def _scatter_write(scatter: Node, base: Node) -> _Write | None:
     """``slice_scatter(base, src, dim, start, end)`` as ``base[index] = value``: ``src`` is
     the value, or ``copy(base[index], value)`` (how ``run_decompositions`` writes
     ``base[index].copy_(value)``)."""
-    args = bind_args(scatter, ("input", "src", "dim", "start", "end", "step"),
-                     {"dim": 0, "start": None, "end": None, "step": 1})
+    args = bind_args(scatter, _SCATTER_ARGS, _SLICE_DEFAULTS)
     index = _slice_index(scatter, args)
     src = args["src"]
     if (isinstance(src, Node) and src.op == "call_function"
@@ -861,7 +838,7 @@ def _slice_index(node: Node, args: dict | None = None) -> tuple | None:
         args = bind_args(node, _SLICE_ARGS, _SLICE_DEFAULTS)
     shape = shape_of(node.args[0]) if isinstance(node.args[0], Node) else None
     dim, start, end, step = args["dim"], args["start"], args["end"], args["step"]
-    if shape is None or not isinstance(dim, int) or _has_node([start, end, step]):
+    if shape is None or not isinstance(dim, int) or has_node([start, end, step]):
         return None
     if end is not None and end > _INT_MAX_DIV_2:
         end = None
@@ -923,10 +900,7 @@ def _per_channel(value: Any, rank: int, channels: int) -> Tensor | None:
 
 def _border_strip(index: tuple, padding: tuple[int, ...], spatial: int) -> tuple[int, str] | None:
     """``(axis, 'low'|'high')`` if ``index`` selects exactly one padded border strip."""
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (2 + spatial - len(index) + 1) + index[at + 1:]
-    index = index + (slice(None),) * (2 + spatial - len(index))
+    index = _full_index(index, 2 + spatial)
     if len(index) != 2 + spatial or any(i != slice(None) for i in index[:2]):
         return None
     strip = None
@@ -1005,12 +979,11 @@ _RESHAPES = {"reshape", "view", "reshape_as", "view_as", torch.reshape,
              torch.ops.aten.view.default, torch.ops.aten.reshape.default,
              torch.ops.aten._unsafe_view.default}
 _IDENTITIES = {"contiguous", torch.ops.aten.clone.default}
+_LAYOUTS = frozenset(_PERMUTES | _TRANSPOSES | _FLATTENS | _RESHAPES | _IDENTITIES | {nn.Flatten})
 
 
 def _layout_target(node: Node) -> Any:
-    if node.op == "call_method":
-        return node.target
-    if node.op == "call_function":
+    if node.op in ("call_method", "call_function"):
         return node.target
     if node.op == "call_module" and isinstance(
             node.graph.owning_module.get_submodule(node.target), nn.Flatten):
@@ -1025,8 +998,7 @@ def is_layout(node: Node) -> bool:
     if target is None:
         return False
     try:
-        return target in _PERMUTES | _TRANSPOSES | _FLATTENS | _RESHAPES | _IDENTITIES or (
-            target is nn.Flatten)
+        return target in _LAYOUTS
     except TypeError:  # an unhashable target
         return False
 
@@ -1047,7 +1019,7 @@ def map_axis(node: Node, axis: int) -> int | None:
     axis %= rank
     target = _layout_target(node)
     args = list(node.args[1:])
-    if _has_node(args) or any(_has_node(v) for v in node.kwargs.values()):
+    if has_node(args) or any(has_node(v) for v in node.kwargs.values()):
         return None  # axes computed at run time
     if target in _IDENTITIES:
         return axis
@@ -1118,7 +1090,7 @@ def replay(gm: GraphModule, chain: list[Node], data: Node) -> Node:
 CONCATS = {torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default}
 
 
-def channel_concat(gm: GraphModule, node: Node) -> list[Any] | None:
+def channel_concat(node: Node) -> list[Any] | None:
     """The items of ``node`` if it concatenates ``N×C×…`` tensors along the channel axis 1."""
     if node.op != "call_function" or node.target not in CONCATS:
         return None

@@ -77,6 +77,23 @@ def reference64(model: nn.Module, *inputs: Tensor) -> Tensor:
         return ref(*(t.double() for t in inputs))
 
 
+def randomize_bn(model: nn.Module, seed: int, dtype: torch.dtype = torch.float32,
+                 mean_std: float = 1.0) -> nn.Module:
+    """Random running statistics and affine parameters (signed weights) for every batch norm,
+    drawn in ``dtype`` from a local generator, so folding is not the identity; ``model`` in
+    eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            c = module.num_features
+            module.running_mean.copy_(torch.randn(c, generator=generator, dtype=dtype)
+                                      * mean_std)
+            module.running_var.copy_(torch.rand(c, generator=generator, dtype=dtype) + 0.5)
+            module.weight.data.copy_(torch.randn(c, generator=generator, dtype=dtype))
+            module.bias.data.copy_(torch.randn(c, generator=generator, dtype=dtype))
+    return model.eval()
+
+
 def signature(gm: GraphModule) -> list[tuple[str, str]]:
     """The graph as ``(op, target)`` pairs: equal before/after means the graph is unchanged."""
     return [(n.op, str(n.target)) for n in gm.graph.nodes]

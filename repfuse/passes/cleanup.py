@@ -31,10 +31,12 @@ from torch.fx import Node
 
 from repfuse.graph import (
     arith_kind,
+    aten_view,
     bind_args,
     describe,
     dtype_of,
     is_impure,
+    pure_aten,
     written_in_place,
 )
 from repfuse.lift import whole_slice_value
@@ -97,7 +99,7 @@ class RemoveNoops(Pass):
         if whole is not None:
             return rewriter.bypass(self.name, node, whole,
                                    f"{describe(node, gm)} removed: it spans the whole axis")
-        repeated = self._repeated(node, rewriter) if _pure_aten(node) else None
+        repeated = self._repeated(node, rewriter) if pure_aten(node) else None
         return repeated or self._neutral_arithmetic(node, rewriter)
 
     def _repeated(self, node: Node, rewriter: Rewriter) -> Rewrite | None:
@@ -163,14 +165,6 @@ def _removable(gm, node: Node) -> bool:
     return own and not module.training and not hooked
 
 
-def _pure_aten(node: Node) -> bool:
-    """An aten op that only computes its result, the same on every call."""
-    target = node.target
-    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
-            and not target._schema.is_mutable
-            and torch.Tag.nondeterministic_seeded not in target.tags)
-
-
 def _same_operands(first: Any, second: Any) -> bool:
     """Equal arguments: the same nodes, equal plain values (a tensor is never assumed equal)."""
     if isinstance(first, Node) or isinstance(second, Node):
@@ -195,7 +189,6 @@ def _restrides(copy: Node, data: Node) -> bool:
 
 def _is_view(node: Node) -> bool:
     """An op whose result aliases its input (``aten.view`` needs compatible strides)."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return any(r.alias_info is not None for r in target._schema.returns)
+    if isinstance(node.target, torch._ops.OpOverload):
+        return aten_view(node)
     return node.op != "output"

@@ -20,7 +20,14 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from repfuse.graph import describe, fetch_attr, is_impure, is_metadata_helper, mutates
+from repfuse.graph import (
+    describe,
+    fetch_attr,
+    is_impure,
+    is_metadata_helper,
+    mutates,
+    pure_aten,
+)
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 # Larger results are left to be computed at run time (a folded broadcast could be huge).
@@ -95,12 +102,10 @@ def _constant(gm: GraphModule, node: Node, known: dict[Node, Any]) -> bool:
 def _aten_factory(node: Node) -> bool:
     """An aten op that builds a tensor from plain values alone, deterministically: what an
     exported program writes for a constant computed in Python (``arange``, ``full``, ...)."""
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not pure_aten(node):
         return False
-    schema = target._schema
-    return (not schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
-            and "empty" not in schema.name  # uninitialized memory: no value to fold
+    schema = node.target._schema
+    return ("empty" not in schema.name  # uninitialized memory: no value to fold
             and len(schema.returns) == 1)
 
 

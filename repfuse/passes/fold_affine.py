@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from repfuse.algebra import ChannelAffine, fold_affine_into_input, fold_affine_into_output
@@ -73,8 +74,9 @@ class _FoldChannelAffine(Pass):
         chain = _layout_before(op.input)
         source = chain[0].args[0] if chain else op.input
         layer = layer_view(gm, source)
-        if layer is None and not chain and channel_concat(gm, source) is not None:
-            return self._into_concatenated(op, source, rewriter)
+        items = channel_concat(source) if layer is None and not chain else None
+        if items is not None:
+            return self._into_concatenated(op, source, items, rewriter)
         if layer is None:
             return f"{describe(source, gm)} is not a conv/linear layer with constant weights"
         reader = chain[0] if chain else op.node
@@ -89,10 +91,6 @@ class _FoldChannelAffine(Pass):
         affine = op.along(axis, shape_of(op.input), layer.out_channels)
         if isinstance(affine, str):
             return affine
-        weight, bias = fold_affine_into_output(
-            layer.weight, layer.bias, affine, groups=layer.groups,
-            transposed=layer.kind == "conv_transpose",
-        )
 
         def wrap(new: Node) -> Node:
             new.meta["tensor_meta"] = layer.node.meta.get("tensor_meta")
@@ -100,18 +98,18 @@ class _FoldChannelAffine(Pass):
 
         return rewriter.replace_with_module(
             self.name, root=op.node, replaced=[layer.node, *chain, op.node],
-            module=layer.build(weight, bias), args=(layer.input,),
+            module=_with_output_affine(layer, affine), args=(layer.input,),
             module_path=layer.module_path or layer.origin_paths()[0],
             detail=f"{op.label} folded into {describe(layer.node, gm)}{_across(chain, gm)}",
             wrap=wrap if chain else None, same_shape_as_new=layer.node,
         )
 
-    def _into_concatenated(self, op: AffineOp, cat: Node, rewriter: Rewriter) -> Rewrite | str:
+    def _into_concatenated(self, op: AffineOp, cat: Node, items: list,
+                           rewriter: Rewriter) -> Rewrite | str:
         """``a(cat([L_1(x_1), …, L_n(x_n)]))`` on the channel axis is
         ``cat([a_1(L_1(x_1)), …])`` with ``a_i`` the channels of ``a`` that ``L_i`` writes, and
         each ``a_i`` folds into its layer: one rewrite for all (MixNet's mixed convs)."""
         gm = rewriter.gm
-        items = channel_concat(gm, cat)
         if sole_user(cat) is not op.node:
             return other_users(gm, cat, op.node)
         layers = []
@@ -137,11 +135,8 @@ class _FoldChannelAffine(Pass):
         def folded(layer: LayerView, start: int, stop: int) -> Callable[[], Node]:
             def build() -> Node:
                 part = ChannelAffine(whole.scale[start:stop], whole.shift[start:stop])
-                weight, bias = fold_affine_into_output(
-                    layer.weight, layer.bias, part, groups=layer.groups,
-                    transposed=layer.kind == "conv_transpose")
                 path = rewriter.place_module(layer.module_path or layer.origin_paths()[0],
-                                             layer.build(weight, bias), [layer.node])
+                                             _with_output_affine(layer, part), [layer.node])
                 new = gm.graph.call_module(path, (layer.input,))
                 new.meta["tensor_meta"] = layer.node.meta.get("tensor_meta")
                 return new
@@ -190,6 +185,14 @@ class _FoldChannelAffine(Pass):
             detail=f"{op.label} folded into the input of {describe(user, gm)}"
                    f"{_across(chain, gm)}",
         )
+
+
+def _with_output_affine(layer: LayerView, affine: ChannelAffine) -> nn.Module:
+    """A fresh copy of ``layer`` computing ``affine`` of its output."""
+    weight, bias = fold_affine_into_output(layer.weight, layer.bias, affine,
+                                           groups=layer.groups,
+                                           transposed=layer.kind == "conv_transpose")
+    return layer.build(weight, bias)
 
 
 def _layout_before(node: Node) -> list[Node]:

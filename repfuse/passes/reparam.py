@@ -38,6 +38,7 @@ from repfuse.algebra import (
     on_meta,
     padding_reason,
     parallel_sum,
+    scaled,
 )
 from repfuse.cost import layer_cost, nodes_cost, pays
 from repfuse.graph import (
@@ -68,7 +69,6 @@ from repfuse.lift import (
     linear_module,
     numeric_padding,
     overwritten,
-    scaled,
     sum_terms,
     weight_like,
     zero_pad,
@@ -106,7 +106,7 @@ class MergeBranches(Pass):
             if root is not node and root in rewriter.pending:
                 return None  # the tree's outermost add is still to come and merges it all
             return self._merge_sum(root, rewriter)
-        items = channel_concat(rewriter.gm, node)
+        items = channel_concat(node)
         if items is not None:
             return self._merge_concat(node, items, rewriter)
         return None

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from repfuse.algebra import Kernel, concat, on_meta
+from repfuse.algebra import Kernel, concat
 from repfuse.cost import NodeCost, layer_cost, nodes_cost, pays
 from repfuse.graph import LayerView, describe, layer_view, shape_of
 from repfuse.lift import (
@@ -58,7 +58,7 @@ class _Sibling:
         if self.step is not None:
             return self.step.shape_kernel
         bias = None if self.layer.bias is None else self.layer.bias.to("meta")
-        return on_meta(linear_kernel(self.layer.weight.to("meta"), bias))
+        return linear_kernel(self.layer.weight.to("meta"), bias)  # meta tensors in, meta out
 
 
 def _conv_siblings(gm: GraphModule, source: Node) -> list[_Sibling]:

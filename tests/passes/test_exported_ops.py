@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,16 +40,7 @@ NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.defa
 
 
 def randomize_bn(model: nn.Module) -> nn.Module:
-    generator = torch.Generator().manual_seed(2)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            c = module.num_features
-            module.running_mean.copy_(torch.randn(c, generator=generator, dtype=torch.float64))
-            module.running_var.copy_(torch.rand(c, generator=generator, dtype=torch.float64)
-                                     + 0.5)
-            module.weight.data.copy_(torch.randn(c, generator=generator, dtype=torch.float64))
-            module.bias.data.copy_(torch.randn(c, generator=generator, dtype=torch.float64))
-    return model.eval()
+    return conftest.randomize_bn(model, seed=2, dtype=torch.float64)
 
 
 def exported(model: nn.Module, shape: tuple[int, ...],

@@ -9,6 +9,7 @@ check is against the unfused model in float64.
 
 from __future__ import annotations
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,16 +28,7 @@ from repfuse.passes import (
 
 
 def randomize_bn(model: nn.Module) -> nn.Module:
-    """Random running statistics and affine parameters, so folding is not the identity."""
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            c = module.num_features
-            module.running_mean.copy_(torch.randn(c, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.randn(c, generator=generator))
-            module.bias.data.copy_(torch.randn(c, generator=generator))
-    return model.eval()
+    return conftest.randomize_bn(model, seed=1, mean_std=0.5)
 
 
 class CheckedBatchNormAct(nn.BatchNorm2d):
