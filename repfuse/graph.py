@@ -726,11 +726,13 @@ def aten_view(node: Node) -> bool:
 
 def pure_aten(node: Node) -> bool:
     """An aten op that only computes its result, the same on every call: its schema mutates
-    nothing and it draws no random numbers."""
+    nothing, it draws no random numbers, and its result is not uninitialized memory
+    (``empty``, ``empty_like``, ``new_empty``)."""
     target = node.target
     return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
             and not target._schema.is_mutable
-            and torch.Tag.nondeterministic_seeded not in target.tags)
+            and torch.Tag.nondeterministic_seeded not in target.tags
+            and "empty" not in target._schema.name)
 
 
 def _flat_args(node: Node) -> list[Any]:

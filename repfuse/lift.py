@@ -64,6 +64,7 @@ from repfuse.graph import (
     is_metadata_helper,
     layer_view,
     new_layer,
+    pure_aten,
     shape_of,
     sole_user,
     written_in_place,
@@ -864,8 +865,7 @@ def _constant_through(gm: GraphModule, arg: Any, depth: int = 0) -> Any:
     if target is torch.ops.aten.sym_size.int and isinstance(arg.args[0], Node):
         shape = shape_of(arg.args[0])
         return None if shape is None else shape[arg.args[1]]
-    if (arg.op != "call_function" or not isinstance(target, torch._ops.OpOverload)
-            or target._schema.is_mutable):
+    if not pure_aten(arg):  # a random draw or uninitialized memory is no constant
         return None
     known: dict[Node, Any] = {}
     for node in arg.all_input_nodes:

@@ -102,11 +102,7 @@ def _constant(gm: GraphModule, node: Node, known: dict[Node, Any]) -> bool:
 def _aten_factory(node: Node) -> bool:
     """An aten op that builds a tensor from plain values alone, deterministically: what an
     exported program writes for a constant computed in Python (``arange``, ``full``, ...)."""
-    if not pure_aten(node):
-        return False
-    schema = node.target._schema
-    return ("empty" not in schema.name  # uninitialized memory: no value to fold
-            and len(schema.returns) == 1)
+    return pure_aten(node) and len(node.target._schema.returns) == 1
 
 
 def _call(node: Node, args: Any, kwargs: Any) -> Any:

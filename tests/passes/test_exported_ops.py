@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 import repfuse
-from repfuse.graph import batchnorm_view
+from repfuse.graph import batchnorm_view, pure_aten
 from repfuse.passes import (
     Rewriter,
     fold_batchnorm,
@@ -540,3 +540,26 @@ def test_erase_takes_unread_pure_aten_ops_along_but_not_in_place_ones():
 
     assert targets(gm) == [aten.add_.Tensor, aten.relu.default]
     assert rewriter.is_erased(pure)
+
+
+def test_pure_aten_is_an_op_that_computes_the_same_value_on_every_call():
+    """Only such ops may be evaluated as constants or read once for two calls: a random draw,
+    uninitialized memory and an in-place op are not."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    ops = {
+        aten.neg.default: (x,),
+        aten.view.default: (x, [-1]),
+        aten.full.default: ([2], 0.5),
+        aten.rand.default: ([2],),
+        aten.randn_like.default: (x,),
+        aten.empty.memory_format: ([2],),
+        aten.empty_like.default: (x,),
+        aten.new_empty.default: (x, [2]),
+        aten.add_.Tensor: (x, 1.0),
+    }
+    nodes = {op: graph.call_function(op, args) for op, args in ops.items()}
+
+    pure = {op for op, node in nodes.items() if pure_aten(node)}
+
+    assert pure == {aten.neg.default, aten.view.default, aten.full.default}
