@@ -499,11 +499,15 @@ def _count(n: int, noun: str) -> str:
 
 def _module_builder(gm, rewriter, old: Node, view: LayerView, weight, bias, groups, meta,
                     channels: list[int]):
+    # Where the data input is (addmm(b, x, Wᵀ) has the bias first), found now; read when
+    # built, once ``old.args`` name the nodes that replace the earlier ones.
+    position = next((i for i, a in enumerate(old.args) if a is view.input), None)
+
     def build() -> Node:
         module = replace(view, weight=weight, groups=groups).build(weight, bias)
         path = view.module_path or view.origin_paths()[0]
         target = rewriter.place_module(path, module, [old])
-        data = old.args[0] if old.args else old.kwargs["input"]
+        data = old.args[position] if position is not None else old.kwargs["input"]
         new = gm.graph.call_module(target, (data,))
         new.meta["tensor_meta"] = meta
         new.meta[CHANNELS_KEY] = channels
