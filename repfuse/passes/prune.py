@@ -499,18 +499,26 @@ def _count(n: int, noun: str) -> str:
 
 def _module_builder(gm, rewriter, old: Node, view: LayerView, weight, bias, groups, meta,
                     channels: list[int]):
+    module = replace(view, weight=weight, groups=groups).build(weight, bias)
+    path = view.module_path or view.origin_paths()[0]
+    return _call_builder(gm, rewriter, old, path, module, view.input, meta, channels)
+
+
+def _call_builder(gm, rewriter, old: Node, path: str, module: nn.Module, data: Node, meta,
+                  channels: list[int] | None = None):
+    """A builder of the call of ``module`` (placed at ``path``) in place of ``old``, on
+    ``old``'s data input ``data``."""
     # Where the data input is (addmm(b, x, Wᵀ) has the bias first), found now; read when
     # built, once ``old.args`` name the nodes that replace the earlier ones.
-    position = next((i for i, a in enumerate(old.args) if a is view.input), None)
+    position = next((i for i, a in enumerate(old.args) if a is data), None)
 
     def build() -> Node:
-        module = replace(view, weight=weight, groups=groups).build(weight, bias)
-        path = view.module_path or view.origin_paths()[0]
         target = rewriter.place_module(path, module, [old])
-        data = old.args[position] if position is not None else old.kwargs["input"]
-        new = gm.graph.call_module(target, (data,))
+        current = old.args[position] if position is not None else old.kwargs["input"]
+        new = gm.graph.call_module(target, (current,))
         new.meta["tensor_meta"] = meta
-        new.meta[CHANNELS_KEY] = channels
+        if channels is not None:
+            new.meta[CHANNELS_KEY] = channels
         return new
 
     return build
@@ -555,14 +563,7 @@ def _sliced_params_builder(gm, rewriter, rule: Pointwise, removed, meta, layout:
         sliced = _sliced_module(module, keep)
         if sliced is None:
             return None
-
-        def build_module() -> Node:
-            target = rewriter.place_module(node.target, sliced, [node])
-            new = gm.graph.call_module(target, (node.args[0],))
-            new.meta["tensor_meta"] = meta
-            return new
-
-        return build_module
+        return _call_builder(gm, rewriter, node, node.target, sliced, node.args[0], meta)
     attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
     if not attrs:
         return None
@@ -646,15 +647,8 @@ def _reshape_builder(gm, rewriter, rule: Reshape, meta):
         if isinstance(module, nn.Unflatten):
             dim = module.dim % len(old_shape)
             sizes = tuple(new_shape[dim:dim + len(module.unflattened_size)])
-            new_module = nn.Unflatten(module.dim, sizes)
-
-            def build_unflatten() -> Node:
-                target = rewriter.place_module(node.target, new_module, [node])
-                new = gm.graph.call_module(target, (node.args[0],))
-                new.meta["tensor_meta"] = meta
-                return new
-
-            return build_unflatten
+            return _call_builder(gm, rewriter, node, node.target,
+                                 nn.Unflatten(module.dim, sizes), node.args[0], meta)
         return None
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
