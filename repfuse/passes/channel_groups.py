@@ -136,12 +136,6 @@ class Values:
     def copy(self) -> Values:
         return Values(self.const.clone(), self.value.clone(), list(self.why))
 
-    def first_live(self, mask: Tensor | None = None) -> Live | None:
-        for index, reason in enumerate(self.why):
-            if reason is not None and (mask is None or bool(mask[index])):
-                return reason
-        return None
-
 
 # --- layouts ---------------------------------------------------------------------------------
 
@@ -1351,9 +1345,6 @@ class Region:
     splits: set[Node] = field(default_factory=set)
     failure: str | None = None  # the region could not be mapped
     _probed: dict[Node, Layout | None] = field(default_factory=dict)
-
-    def members(self) -> list[Node]:
-        return list(self.layouts)
 
 
 MAX_REGION_NODES = 20_000

@@ -164,7 +164,6 @@ class _Block:
 @dataclass
 class _Plan:
     region: Region
-    slots: Slots
     values: dict[Node, Values]
     classes: dict[Node, list[int]]  # member -> class of each flat channel
     removable: set[int]
@@ -199,7 +198,7 @@ def _analyze(gm: GraphModule, rewriter: Rewriter, seed: _Seed, multiple_of: int 
     for reader in region.readers.values():
         _judge_reader(gm, reader, values, classes, blocked, interesting)
     removable = interesting - set(blocked)
-    plan = _Plan(region, slots, values, classes, removable, blocked)
+    plan = _Plan(region, values, classes, removable, blocked)
     if multiple_of > 1:
         _align_widths(gm, plan, multiple_of)
     _keep_shapes_valid(gm, plan)
