@@ -164,6 +164,7 @@ class _Block:
 @dataclass
 class _Plan:
     region: Region
+    order: dict[Node, int]  # graph order, for the rewrite that follows at once
     values: dict[Node, Values]
     classes: dict[Node, list[int]]  # member -> class of each flat channel
     removable: set[int]
@@ -179,7 +180,8 @@ def _analyze(gm: GraphModule, rewriter: Rewriter, seed: _Seed, multiple_of: int 
     for rule in region.rules.values():
         for link in rule.links(region.layouts):
             slots.union_many(*link)
-    values = compute_values(region, graph_order(gm))
+    order = graph_order(gm)
+    values = compute_values(region, order)
     classes = {n: slots.classes_of(n, flat_size(lay)) for n, lay in region.layouts.items()}
     blocked: dict[int, _Block] = {}
 
@@ -198,7 +200,7 @@ def _analyze(gm: GraphModule, rewriter: Rewriter, seed: _Seed, multiple_of: int 
     for reader in region.readers.values():
         _judge_reader(gm, reader, values, classes, blocked, interesting)
     removable = interesting - set(blocked)
-    plan = _Plan(region, values, classes, removable, blocked)
+    plan = _Plan(region, order, values, classes, removable, blocked)
     if multiple_of > 1:
         _align_widths(gm, plan, multiple_of)
     _keep_shapes_valid(gm, plan)
@@ -451,8 +453,7 @@ def _rebuild(pass_name: str, gm: GraphModule, rewriter: Rewriter, plan: _Plan,
             builders[split] = built
         elif built is not None:
             resized[split] = built  # unbind: the call stays, its pieces shrink
-    order = graph_order(gm)
-    changes = sorted(builders.items(), key=lambda item: order[item[0]])
+    changes = sorted(builders.items(), key=lambda item: plan.order[item[0]])
     resized.update({n: meta for n, meta in metas.items() if n not in builders})
     count = int(sum(int(mask.sum()) for n, mask in removed.items() if n in region.producers))
     detail = f"removed {'; '.join(notes)}" if notes else f"removed {count} channels"
