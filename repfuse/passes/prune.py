@@ -1045,11 +1045,9 @@ class PruneBelow(Pass):
     def _norm(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
         gm = rewriter.gm
         layer = dense_layer(gm, node)
-        if layer is None:
+        if layer is None or layer.transposed:
             return None
         rows = layer.view.weight.detach().to(torch.float64)
-        if layer.transposed:
-            return None
         norms = rows.reshape(rows.shape[0], -1).norm(dim=1)
         small = (norms < self.threshold) & norms.ne(0)
         if not bool(small.any()):
