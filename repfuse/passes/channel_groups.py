@@ -136,6 +136,12 @@ class Values:
     def copy(self) -> Values:
         return Values(self.const.clone(), self.value.clone(), list(self.why))
 
+    def make_constant(self, mask: Tensor, value: Tensor) -> None:
+        """Mark the channels of ``mask`` constant, holding ``value`` there."""
+        self.const = self.const | mask
+        self.value = torch.where(mask, value, self.value)
+        self.why = [None if m else w for m, w in zip(mask.tolist(), self.why, strict=True)]
+
 
 # --- layouts ---------------------------------------------------------------------------------
 
@@ -456,9 +462,7 @@ class Pointwise(Rule):
         for part in parts:
             zero |= part.const & part.value.eq(0)
         if bool(zero.any()):
-            out.const = out.const | zero
-            out.value = torch.where(zero, torch.zeros((), dtype=FOLD_DTYPE), out.value)
-            out.why = [None if z else w for z, w in zip(zero.tolist(), out.why, strict=True)]
+            out.make_constant(zero, torch.zeros((), dtype=FOLD_DTYPE))
         return out
 
     def _zero_scale(self, out: Values, layouts, part: Values) -> Values:
@@ -475,9 +479,7 @@ class Pointwise(Rule):
             return out
         zero = affine.scale.eq(0) & ~out.const
         if bool(zero.any()):
-            out.const = out.const | zero
-            out.value = torch.where(zero, affine.shift, out.value)
-            out.why = [None if z else w for z, w in zip(zero.tolist(), out.why, strict=True)]
+            out.make_constant(zero, affine.shift)
         return out
 
     def _evaluate(self, layouts, values, all_const) -> tuple[Tensor, Tensor] | None:
