@@ -1045,8 +1045,8 @@ def _module_rule(gm: GraphModule, node: Node) -> Rule | str | None:
         if view.kind == "conv" and view.groups > 1:
             return GroupedConv(node, view, gm)
         return None
-    if batchnorm_view(gm, node) is not None:
-        bn = batchnorm_view(gm, node)
+    bn = batchnorm_view(gm, node)
+    if bn is not None:
         if bn.training or bn.running_mean is None:
             return None
         return Pointwise(node, [data], "affine", gm)
