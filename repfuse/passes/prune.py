@@ -209,7 +209,7 @@ def _analyze(gm: GraphModule, rewriter: Rewriter, seed: _Seed, multiple_of: int 
 
 def _block_shared(gm: GraphModule, rewriter: Rewriter, region: Region, block_all) -> None:
     """Layers and modules whose weights we would slice must be used only here."""
-    for node, layer in [*region.producers.items(), *((n, r) for n, r in region.readers.items())]:
+    for node, layer in [*region.producers.items(), *region.readers.items()]:
         reason = rewriter.index.shared_reason(gm, layer.view)
         if reason is not None:
             if node in region.layouts:
@@ -463,12 +463,12 @@ def _rebuild(pass_name: str, gm: GraphModule, rewriter: Rewriter, plan: _Plan,
 
 def _layer_builder(gm, rewriter, layer: Layer, removed, values, metas, notes):
     view = layer.view
-    out_removed = removed.get(layer.node) if layer.node in removed else None
-    in_removed = removed.get(view.input) if view.input in removed else None
-    out_removed = out_removed if out_removed is not None else torch.zeros(
-        view.out_channels, dtype=torch.bool)
-    in_removed = in_removed if in_removed is not None else torch.zeros(
-        view.in_channels, dtype=torch.bool)
+    out_removed = removed.get(layer.node)
+    in_removed = removed.get(view.input)
+    if out_removed is None:
+        out_removed = torch.zeros(view.out_channels, dtype=torch.bool)
+    if in_removed is None:
+        in_removed = torch.zeros(view.in_channels, dtype=torch.bool)
     if not bool(out_removed.any()) and not bool(in_removed.any()):
         return None
     constants = values[view.input].value if view.input in values else None
