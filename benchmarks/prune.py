@@ -60,7 +60,7 @@ from repfuse.bench import max_rel_between, time_models  # noqa: E402
 from repfuse.convert import convert  # noqa: E402
 from repfuse.graph import layer_view  # noqa: E402
 from repfuse.models import create_model, get_spec  # noqa: E402
-from repfuse.passes import DEFAULT_PIPELINE, PruneDead  # noqa: E402
+from repfuse.passes import DEFAULT_PIPELINE, PruneDead, history  # noqa: E402
 from repfuse.passes.prune import CHANNELS_KEY  # noqa: E402
 
 SPARSE_MODELS = ("slim_vgg_tiny", "slim_resnet_tiny", "resnet_tiny_dead_addend",
@@ -105,8 +105,7 @@ def channels_of(model: nn.Module) -> int:
 def heads_removed(fused: nn.Module) -> int:
     """Heads removed, from the rewrites' records (``heads [1, 3] of ...``)."""
     count = 0
-    history = getattr(fused, "meta", {}).get("repfuse")
-    for rewrite in (history.rewrites if history is not None else []):
+    for rewrite in history(fused).rewrites:
         if rewrite.pass_name != "prune_dead":
             continue
         for part in rewrite.detail.split("heads [")[1:]:

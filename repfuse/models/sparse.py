@@ -138,21 +138,22 @@ def resnet_tiny_dead_addend(*, num_classes: int = 10) -> ResNet:
 # --- pruned attention heads ----------------------------------------------------------------------
 
 
-def _zero_heads(attention: nn.Module, generator: torch.Generator, dim: int, heads: int,
+def _zero_heads(attention: nn.Module, generator: torch.Generator,
                 value_rows: Tensor | None = None, value_bias: bool = False,
                 output_columns: Tensor | None = None) -> None:
     """Zero the value filter of heads ``value_rows`` (and their value bias if ``value_bias``)
     and the output-projection columns of heads ``output_columns``, in the explicit form
     (``q``, ``k``, ``v``, ``proj``) or ``nn.MultiheadAttention``."""
-    head_dim = dim // heads
     with torch.no_grad():
         if isinstance(attention, nn.MultiheadAttention):
+            dim = attention.embed_dim
             v_weight = attention.in_proj_weight[2 * dim:]
             v_bias = attention.in_proj_bias[2 * dim:]
             out_weight = attention.out_proj.weight
         else:
             v_weight, v_bias = attention.v.weight, attention.v.bias
             out_weight = attention.proj.weight
+        head_dim = out_weight.shape[1] // attention.num_heads
         for head in (value_rows if value_rows is not None else []):
             rows = slice(int(head) * head_dim, (int(head) + 1) * head_dim)
             v_weight[rows] = 0
@@ -170,27 +171,16 @@ def _prune_transformer(model: nn.Module, seed: int) -> None:
     hidden channels dead (zero ``fc1`` rows; ``gelu(b)`` is a constant)."""
     generator = torch.Generator().manual_seed(seed + 4000)
     blocks = list(model.blocks)
-    dim, heads = model.dim, model.num_heads
-    order = torch.randperm(heads, generator=generator)
-    _zero_heads(blocks[0].attn, generator, dim, heads, value_rows=order[:1])
+    order = torch.randperm(blocks[0].attn.num_heads, generator=generator)
+    _zero_heads(blocks[0].attn, generator, value_rows=order[:1])
     if len(blocks) > 1:
-        _zero_heads(blocks[1].attn, generator, dim, heads, value_rows=order[1:2],
-                    value_bias=True, output_columns=order[2:3])
+        _zero_heads(blocks[1].attn, generator, value_rows=order[1:2], value_bias=True,
+                    output_columns=order[2:3])
     for block in blocks:
         fc1 = block.mlp[0]
         rows = _choose(generator, fc1.out_features, 0.25)
         with torch.no_grad():
             fc1.weight[rows] = 0
-
-
-class HeadPrunedTransformer(ConvStemTransformer):
-    """:class:`~repfuse.models.attention.ConvStemTransformer` that records its width and head
-    count (for its ``sparsify`` step)."""
-
-    def __init__(self, dim: int = 32, num_heads: int = 4, depth: int = 2,
-                 num_classes: int = 10) -> None:
-        super().__init__(dim=dim, depth=depth, num_heads=num_heads, num_classes=num_classes)
-        self.dim, self.num_heads = dim, num_heads
 
 
 @register_model(
@@ -199,7 +189,7 @@ class HeadPrunedTransformer(ConvStemTransformer):
     description="Transformer with pruned heads (q/k/v Linears) and dead MLP channels",
     sparsify=_prune_transformer,
 )
-def vit_pruned_heads_tiny(*, num_classes: int = 10) -> HeadPrunedTransformer:
+def vit_pruned_heads_tiny(*, num_classes: int = 10) -> ConvStemTransformer:
     """``vit_convstem_tiny`` (width 32, 4 heads, 2 blocks) after head pruning: Voita et al. 2019
     ("Analyzing Multi-Head Self-Attention") gate heads with L0 penalties, and a closed gate
     folded into the value projection zeroes the head's value filter and bias; a group-lasso
@@ -207,7 +197,7 @@ def vit_pruned_heads_tiny(*, num_classes: int = 10) -> HeadPrunedTransformer:
     sparsity by Wen et al. 2016) leaves the bias, so the head outputs that bias for every token;
     one on the output projection zeroes the head's columns there. The MLPs' hidden channels
     get the same group lasso: dead rows of ``fc1`` output ``gelu(b)``."""
-    return HeadPrunedTransformer(num_classes=num_classes)
+    return ConvStemTransformer(num_classes=num_classes)
 
 
 class MultiheadBlock(TransformerBlock):
@@ -224,12 +214,13 @@ class MultiheadBlock(TransformerBlock):
         return x + self.mlp(self.norm2(x))
 
 
-class MultiheadTransformer(HeadPrunedTransformer):
-    """:class:`HeadPrunedTransformer` whose blocks use ``nn.MultiheadAttention``."""
+class MultiheadTransformer(ConvStemTransformer):
+    """:class:`~repfuse.models.attention.ConvStemTransformer` whose blocks use
+    ``nn.MultiheadAttention``."""
 
     def __init__(self, dim: int = 32, num_heads: int = 4, depth: int = 2,
                  num_classes: int = 10) -> None:
-        super().__init__(dim, num_heads, depth, num_classes)
+        super().__init__(dim=dim, depth=depth, num_heads=num_heads, num_classes=num_classes)
         self.blocks = nn.Sequential(*(MultiheadBlock(dim, num_heads) for _ in range(depth)))
 
 

@@ -136,11 +136,11 @@ class Values:
     def copy(self) -> Values:
         return Values(self.const.clone(), self.value.clone(), list(self.why))
 
-    def first_live(self, mask: Tensor | None = None) -> Live | None:
-        for index, reason in enumerate(self.why):
-            if reason is not None and (mask is None or bool(mask[index])):
-                return reason
-        return None
+    def make_constant(self, mask: Tensor, value: Tensor) -> None:
+        """Mark the channels of ``mask`` constant, holding ``value`` there."""
+        self.const = self.const | mask
+        self.value = torch.where(mask, value, self.value)
+        self.why = [None if m else w for m, w in zip(mask.tolist(), self.why, strict=True)]
 
 
 # --- layouts ---------------------------------------------------------------------------------
@@ -462,9 +462,7 @@ class Pointwise(Rule):
         for part in parts:
             zero |= part.const & part.value.eq(0)
         if bool(zero.any()):
-            out.const = out.const | zero
-            out.value = torch.where(zero, torch.zeros((), dtype=FOLD_DTYPE), out.value)
-            out.why = [None if z else w for z, w in zip(zero.tolist(), out.why, strict=True)]
+            out.make_constant(zero, torch.zeros((), dtype=FOLD_DTYPE))
         return out
 
     def _zero_scale(self, out: Values, layouts, part: Values) -> Values:
@@ -481,9 +479,7 @@ class Pointwise(Rule):
             return out
         zero = affine.scale.eq(0) & ~out.const
         if bool(zero.any()):
-            out.const = out.const | zero
-            out.value = torch.where(zero, affine.shift, out.value)
-            out.why = [None if z else w for z, w in zip(zero.tolist(), out.why, strict=True)]
+            out.make_constant(zero, affine.shift)
         return out
 
     def _evaluate(self, layouts, values, all_const) -> tuple[Tensor, Tensor] | None:
@@ -1049,8 +1045,8 @@ def _module_rule(gm: GraphModule, node: Node) -> Rule | str | None:
         if view.kind == "conv" and view.groups > 1:
             return GroupedConv(node, view, gm)
         return None
-    if batchnorm_view(gm, node) is not None:
-        bn = batchnorm_view(gm, node)
+    bn = batchnorm_view(gm, node)
+    if bn is not None:
         if bn.training or bn.running_mean is None:
             return None
         return Pointwise(node, [data], "affine", gm)
@@ -1351,9 +1347,6 @@ class Region:
     splits: set[Node] = field(default_factory=set)
     failure: str | None = None  # the region could not be mapped
     _probed: dict[Node, Layout | None] = field(default_factory=dict)
-
-    def members(self) -> list[Node]:
-        return list(self.layouts)
 
 
 MAX_REGION_NODES = 20_000

@@ -164,7 +164,7 @@ class _Block:
 @dataclass
 class _Plan:
     region: Region
-    slots: Slots
+    order: dict[Node, int]  # graph order, for the rewrite that follows at once
     values: dict[Node, Values]
     classes: dict[Node, list[int]]  # member -> class of each flat channel
     removable: set[int]
@@ -180,7 +180,8 @@ def _analyze(gm: GraphModule, rewriter: Rewriter, seed: _Seed, multiple_of: int 
     for rule in region.rules.values():
         for link in rule.links(region.layouts):
             slots.union_many(*link)
-    values = compute_values(region, graph_order(gm))
+    order = graph_order(gm)
+    values = compute_values(region, order)
     classes = {n: slots.classes_of(n, flat_size(lay)) for n, lay in region.layouts.items()}
     blocked: dict[int, _Block] = {}
 
@@ -199,7 +200,7 @@ def _analyze(gm: GraphModule, rewriter: Rewriter, seed: _Seed, multiple_of: int 
     for reader in region.readers.values():
         _judge_reader(gm, reader, values, classes, blocked, interesting)
     removable = interesting - set(blocked)
-    plan = _Plan(region, slots, values, classes, removable, blocked)
+    plan = _Plan(region, order, values, classes, removable, blocked)
     if multiple_of > 1:
         _align_widths(gm, plan, multiple_of)
     _keep_shapes_valid(gm, plan)
@@ -208,7 +209,7 @@ def _analyze(gm: GraphModule, rewriter: Rewriter, seed: _Seed, multiple_of: int 
 
 def _block_shared(gm: GraphModule, rewriter: Rewriter, region: Region, block_all) -> None:
     """Layers and modules whose weights we would slice must be used only here."""
-    for node, layer in [*region.producers.items(), *((n, r) for n, r in region.readers.items())]:
+    for node, layer in [*region.producers.items(), *region.readers.items()]:
         reason = rewriter.index.shared_reason(gm, layer.view)
         if reason is not None:
             if node in region.layouts:
@@ -452,8 +453,7 @@ def _rebuild(pass_name: str, gm: GraphModule, rewriter: Rewriter, plan: _Plan,
             builders[split] = built
         elif built is not None:
             resized[split] = built  # unbind: the call stays, its pieces shrink
-    order = graph_order(gm)
-    changes = sorted(builders.items(), key=lambda item: order[item[0]])
+    changes = sorted(builders.items(), key=lambda item: plan.order[item[0]])
     resized.update({n: meta for n, meta in metas.items() if n not in builders})
     count = int(sum(int(mask.sum()) for n, mask in removed.items() if n in region.producers))
     detail = f"removed {'; '.join(notes)}" if notes else f"removed {count} channels"
@@ -463,12 +463,12 @@ def _rebuild(pass_name: str, gm: GraphModule, rewriter: Rewriter, plan: _Plan,
 
 def _layer_builder(gm, rewriter, layer: Layer, removed, values, metas, notes):
     view = layer.view
-    out_removed = removed.get(layer.node) if layer.node in removed else None
-    in_removed = removed.get(view.input) if view.input in removed else None
-    out_removed = out_removed if out_removed is not None else torch.zeros(
-        view.out_channels, dtype=torch.bool)
-    in_removed = in_removed if in_removed is not None else torch.zeros(
-        view.in_channels, dtype=torch.bool)
+    out_removed = removed.get(layer.node)
+    in_removed = removed.get(view.input)
+    if out_removed is None:
+        out_removed = torch.zeros(view.out_channels, dtype=torch.bool)
+    if in_removed is None:
+        in_removed = torch.zeros(view.in_channels, dtype=torch.bool)
     if not bool(out_removed.any()) and not bool(in_removed.any()):
         return None
     constants = values[view.input].value if view.input in values else None
@@ -499,14 +499,26 @@ def _count(n: int, noun: str) -> str:
 
 def _module_builder(gm, rewriter, old: Node, view: LayerView, weight, bias, groups, meta,
                     channels: list[int]):
+    module = replace(view, weight=weight, groups=groups).build(weight, bias)
+    path = view.module_path or view.origin_paths()[0]
+    return _call_builder(gm, rewriter, old, path, module, view.input, meta, channels)
+
+
+def _call_builder(gm, rewriter, old: Node, path: str, module: nn.Module, data: Node, meta,
+                  channels: list[int] | None = None):
+    """A builder of the call of ``module`` (placed at ``path``) in place of ``old``, on
+    ``old``'s data input ``data``."""
+    # Where the data input is (addmm(b, x, Wᵀ) has the bias first), found now; read when
+    # built, once ``old.args`` name the nodes that replace the earlier ones.
+    position = next((i for i, a in enumerate(old.args) if a is data), None)
+
     def build() -> Node:
-        module = replace(view, weight=weight, groups=groups).build(weight, bias)
-        path = view.module_path or view.origin_paths()[0]
         target = rewriter.place_module(path, module, [old])
-        data = old.args[0] if old.args else old.kwargs["input"]
-        new = gm.graph.call_module(target, (data,))
+        current = old.args[position] if position is not None else old.kwargs["input"]
+        new = gm.graph.call_module(target, (current,))
         new.meta["tensor_meta"] = meta
-        new.meta[CHANNELS_KEY] = channels
+        if channels is not None:
+            new.meta[CHANNELS_KEY] = channels
         return new
 
     return build
@@ -551,14 +563,7 @@ def _sliced_params_builder(gm, rewriter, rule: Pointwise, removed, meta, layout:
         sliced = _sliced_module(module, keep)
         if sliced is None:
             return None
-
-        def build_module() -> Node:
-            target = rewriter.place_module(node.target, sliced, [node])
-            new = gm.graph.call_module(target, (node.args[0],))
-            new.meta["tensor_meta"] = meta
-            return new
-
-        return build_module
+        return _call_builder(gm, rewriter, node, node.target, sliced, node.args[0], meta)
     attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
     if not attrs:
         return None
@@ -642,15 +647,8 @@ def _reshape_builder(gm, rewriter, rule: Reshape, meta):
         if isinstance(module, nn.Unflatten):
             dim = module.dim % len(old_shape)
             sizes = tuple(new_shape[dim:dim + len(module.unflattened_size)])
-            new_module = nn.Unflatten(module.dim, sizes)
-
-            def build_unflatten() -> Node:
-                target = rewriter.place_module(node.target, new_module, [node])
-                new = gm.graph.call_module(target, (node.args[0],))
-                new.meta["tensor_meta"] = meta
-                return new
-
-            return build_unflatten
+            return _call_builder(gm, rewriter, node, node.target,
+                                 nn.Unflatten(module.dim, sizes), node.args[0], meta)
         return None
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
@@ -1047,11 +1045,9 @@ class PruneBelow(Pass):
     def _norm(self, node: Node, rewriter: Rewriter) -> Rewrite | Decline | None:
         gm = rewriter.gm
         layer = dense_layer(gm, node)
-        if layer is None:
+        if layer is None or layer.transposed:
             return None
         rows = layer.view.weight.detach().to(torch.float64)
-        if layer.transposed:
-            return None
         norms = rows.reshape(rows.shape[0], -1).norm(dim=1)
         small = (norms < self.threshold) & norms.ne(0)
         if not bool(small.any()):

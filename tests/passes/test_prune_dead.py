@@ -211,6 +211,36 @@ def test_dead_hidden_channels_of_an_mlp_fold_gelu_of_the_bias(dtype) -> None:
         13, 13)
     assert graph_cost(gm).macs == 2 * 5 * (8 * 13 + 13 * 8)
 
+class TwoHeads(nn.Module):
+    """Linear -> two Linear readers (nothing to compose), with dead rows in the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 6)
+        self.left, self.right = nn.Linear(6, 4), nn.Linear(6, 3)
+        dead_rows(self.fc, [2], [0.4])
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.left(h), self.right(h)
+
+
+def test_dead_rows_of_an_exported_addmm_leave_it() -> None:
+    # the inference IR writes a linear as addmm(b, x, Wᵀ): the rebuilt layer must read x
+    model = TwoHeads().double()
+    x = random_input((5, 8), dtype=F64)
+    program = torch.export.export(copy.deepcopy(model), (x,)).run_decompositions()
+    gm = repfuse.trace(program.module(), x)
+
+    result = prune_dead(gm)
+
+    assert len(pruned(result)) == 1
+    assert [m.out_features for m in gm.modules() if isinstance(m, nn.Linear)][:1] == [5]
+    with torch.no_grad():
+        for expected, actual in zip(reference64(model, x), gm(x), strict=True):
+            assert rel_err(expected, actual) <= F64_RTOL
+
+
 
 # --- dependency groups ----------------------------------------------------------------------
 
