@@ -236,21 +236,28 @@ def module_label(paths: list[str], limit: int = 48) -> str:
         return ""
     if len(paths) == 1:
         return paths[0]
-    split = [p.split(".") for p in paths]
-    common: list[str] = []
-    for parts in zip(*split, strict=False):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    common = common[:min(len(s) for s in split) - 1]
+    common = _common_parent(paths)
     head = ".".join(common) + ": " if common else ""
-    rest = [".".join(s[len(common):]) for s in split]
+    rest = [".".join(p.split(".")[len(common):]) for p in paths]
     for shown in range(len(rest), 0, -1):
         more = f" +{len(rest) - shown} more" if shown < len(rest) else ""
         label = head + ", ".join(rest[:shown]) + more
         if len(label) <= limit:
             return label
     return head + f"{len(rest)} modules"
+
+
+def _common_parent(paths: list[str]) -> list[str]:
+    """The leading parts of the dotted ``paths`` that all share, short of the last part of the
+    shortest (each path keeps a name of its own): ``["layer2", "0"]`` for ``layer2.0.conv1``
+    and ``layer2.0.bn1``, and for ``layer2.0.conv1`` alone."""
+    split = [p.split(".") for p in paths]
+    common: list[str] = []
+    for parts in zip(*split, strict=False):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return common[:min(len(s) for s in split) - 1]
 
 
 # --- the sections -------------------------------------------------------------------------------
@@ -471,17 +478,7 @@ def _blocks(data: dict) -> list[Block]:
 
 
 def _block_of(module_paths: list[str]) -> str:
-    if not module_paths:
-        return ""
-    split = [p.split(".") for p in module_paths]
-    common: list[str] = []
-    for parts in zip(*split, strict=False):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    if len(common) == min(len(parts) for parts in split):
-        common = common[:-1]
-    return ".".join(common)
+    return ".".join(_common_parent(module_paths)) if module_paths else ""
 
 
 def _not_mergeable(data: dict) -> list[Block]:
