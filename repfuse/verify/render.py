@@ -41,6 +41,7 @@ from rich.text import Text as RichText
 from repfuse.errors import RepfuseError
 from repfuse.io import write_text
 from repfuse.quant import render as quant_render
+from repfuse.verify.compare import json_number
 from repfuse.verify.report import divergence_lines
 
 REPORT_SUFFIXES = (".json", ".md", ".html")
@@ -209,12 +210,6 @@ def fmt(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value)
     return str(value)
-
-
-def _as_float(value: Any) -> float:
-    if isinstance(value, str):
-        return {"inf": math.inf, "-inf": -math.inf}.get(value, math.nan)
-    return math.nan if value is None else float(value)
 
 
 def _shape(shape: Iterable[int]) -> str:
@@ -696,7 +691,7 @@ def _most_telling(rows: list[list[Any]], limit: int) -> list[list[Any]]:
 
 
 def _sortable(value: Any) -> float:
-    number = _as_float(value)
+    number = json_number(value)
     return math.inf if math.isnan(number) else number
 
 
@@ -1081,7 +1076,7 @@ def error_chart_svg(rows: list[dict], rtol: float, width: int = 700) -> str:
     node and the error are in each bar's tooltip and in the table below). An exact zero is a
     dot at the left, a non-finite error a bar to the right end. ``width`` fits a printed page.
     """
-    values = [_as_float(r.get("max_rel")) for r in rows]
+    values = [json_number(r.get("max_rel")) for r in rows]
     labels = [module_label(list(r.get("module_paths") or []))
               or str(r.get("module") or r.get("node") or i) for i, r in enumerate(rows)]
     positive = [v for v in values if math.isfinite(v) and v > 0]
