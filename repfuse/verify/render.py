@@ -42,7 +42,7 @@ from repfuse.errors import RepfuseError
 from repfuse.io import write_text
 from repfuse.quant import render as quant_render
 from repfuse.verify.compare import json_number
-from repfuse.verify.report import divergence_lines
+from repfuse.verify.report import divergence_lines, fmt_e
 
 REPORT_SUFFIXES = (".json", ".md", ".html")
 KINDS = ("convert", "inspect", "verify", "bench", "quant")
@@ -320,10 +320,11 @@ def _approximate(data: dict) -> list[Block]:
     banner = (f"APPROXIMATE, not exact: {len(rewrites)} rewrite(s) by "
               f"{', '.join(approx.get('passes', []))} change what the model computes; "
               f"measured against the original run in float64: max rel error "
-              f"{_e(approx['max_rel_error'])}, max abs error {_e(approx['max_abs_error'])}")
+              f"{fmt_e(approx['max_rel_error'])}, max abs error {fmt_e(approx['max_abs_error'])}")
     measured = approx.get("measured_on") or {}
-    errors = "; ".join(f"{e['dtype']}: max rel {_e(e['max_rel'])}, max abs {_e(e['max_abs'])}, "
-                       f"SQNR {_f1(e['sqnr_db'])} dB" for e in approx.get("errors", []))
+    errors = "; ".join(f"{e['dtype']}: max rel {fmt_e(e['max_rel'])}, max abs "
+                       f"{fmt_e(e['max_abs'])}, SQNR {quant_render.db(e['sqnr_db'])} dB"
+                       for e in approx.get("errors", []))
     lines = [f"measured on {measured.get('batches')} batch(es) ({measured.get('source')}): "
              f"{errors}"]
     tolerance = approx.get("tolerance")
@@ -573,21 +574,13 @@ def _summary_lines(data: dict) -> list[str]:
         status = _status(run["passed"], data)
         applied = "" if status == "not exact" else f"rtol {tol['rtol']:g}, atol {tol['atol']:g}; "
         lines.append(
-            f"  {run['dtype']:>8}: {status}  max rel {_e(worst['max_rel'])}  max abs "
-            f"{_e(worst['max_abs'])}  SQNR {_f1(worst['sqnr_db'])} dB  ({applied}passes with "
-            f"rtol >= {_e(run['min_rtol_to_pass'])})")
+            f"  {run['dtype']:>8}: {status}  max rel {fmt_e(worst['max_rel'])}  max abs "
+            f"{fmt_e(worst['max_abs'])}  SQNR {quant_render.db(worst['sqnr_db'])} dB  "
+            f"({applied}passes with rtol >= {fmt_e(run['min_rtol_to_pass'])})")
     if data.get("diagnosis"):
         lines.append(f"  note: {data['diagnosis']}")
     lines += divergence_lines(data)
     return lines
-
-
-def _e(value: Any) -> str:
-    return value if isinstance(value, str) else f"{value:.3e}"
-
-
-def _f1(value: Any) -> str:
-    return value if isinstance(value, str) else f"{value:.1f}"
 
 
 def _outputs(data: dict) -> list[Block]:
@@ -708,8 +701,8 @@ def _exports(data: dict) -> list[Block]:
         tol = run.get("tolerance", {})
         status = "ok" if e["passed"] else "FAIL"
         how = e.get("run_by", e["format"])
-        lines.append(f"{e['format']} {e['path']}: {status}  max rel {_e(worst.get('max_rel'))}"
-                     f"  max abs {_e(worst.get('max_abs'))} in {run.get('dtype')} vs the "
+        lines.append(f"{e['format']} {e['path']}: {status}  max rel {fmt_e(worst.get('max_rel'))}"
+                     f"  max abs {fmt_e(worst.get('max_abs'))} in {run.get('dtype')} vs the "
                      f"float64 reference ({how}; rtol {tol.get('rtol'):g}, atol "
                      f"{tol.get('atol'):g})")
         if e.get("onnx_nodes"):
