@@ -182,6 +182,13 @@ def verdict(data: dict) -> str:
     return "EQUIVALENT" if data.get("passed") else "NOT EQUIVALENT"
 
 
+def _verdict_style(data: dict) -> str:
+    """How the verdict is drawn: ``ok`` or ``fail``, ``note`` for an approximate result."""
+    if data.get("approximate"):
+        return "note"
+    return "ok" if data.get("passed") else "fail"
+
+
 def _status(passed: bool, data: dict) -> str:
     """An output's or run's result word: ``ok``/``FAIL``, or ``not exact`` in an approximate
     report without a tolerance (its error is a measurement, not a failure)."""
@@ -296,9 +303,6 @@ def _header(data: dict) -> list[Block]:
                            f"  ({data.get('convert_seconds', 0):.2f} s to fuse; {info})",
                            where=TERMINAL))
     if kind in ("convert", "verify") and "runs" in data:
-        style = "ok" if data.get("passed") else "fail"
-        if data.get("approximate"):
-            style = "note"
         blocks.append(Text(verdict(data), "verdict", where=FILE, id="verdict"))
         details = [f"deployment dtype {data.get('deploy_dtype')}",
                    f"report schema {data.get('schema_version')}"]
@@ -306,7 +310,8 @@ def _header(data: dict) -> list[Block]:
         if kind == "verify":
             blocks.append(Text(f"[bold]{verdict(data)}[/]: {data.get('candidate')} vs "
                                f"{data.get('reference')}  (deployment dtype "
-                               f"{data.get('deploy_dtype')})", style, where=TERMINAL))
+                               f"{data.get('deploy_dtype')})", _verdict_style(data),
+                               where=TERMINAL))
     return blocks
 
 
@@ -586,13 +591,10 @@ def _summary_lines(data: dict) -> list[str]:
 def _outputs(data: dict) -> list[Block]:
     if "runs" not in data:
         return []
-    style = "ok" if data.get("passed") else "fail"
-    if data.get("approximate"):
-        style = "note"
     header, rows = _run_rows(data)
     blocks: list[Block] = []
     if kind_of(data) == "convert":
-        blocks.append(Lines(_summary_lines(data), style, where=TERMINAL))
+        blocks.append(Lines(_summary_lines(data), _verdict_style(data), where=TERMINAL))
     else:
         blocks += [Table(header, rows, title="outputs", bad=[r[3] == "FAIL" for r in rows],
                          where=TERMINAL, terminal_columns=[0, 1, 3, 4, 5, 9, 11, 12]),
@@ -666,13 +668,10 @@ def _localization(data: dict, limit: int = 25) -> list[Block]:
 def _divergence_terminal(data: dict) -> list[Block]:
     if kind_of(data) != "verify":
         return []
-    style = "ok" if data.get("passed") else "fail"
-    if data.get("approximate"):
-        style = "note"
     lines = [line.strip() for line in divergence_lines(data)]
     if data.get("diagnosis"):
         lines.append(f"note: {data['diagnosis']}")
-    return [Lines(lines, style, where=TERMINAL)] if lines else []
+    return [Lines(lines, _verdict_style(data), where=TERMINAL)] if lines else []
 
 
 def _most_telling(rows: list[list[Any]], limit: int) -> list[list[Any]]:
