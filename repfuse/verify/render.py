@@ -146,6 +146,7 @@ class Chart:
     rows: list[dict]
     rtol: float
     title: str
+    where: str = field(default=FILE, init=False)
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Figure:
 
     svg: str
     title: str
+    where: str = field(default=FILE, init=False)
 
 
 Block = Text | Lines | Table | Chart | Figure
@@ -905,9 +907,7 @@ def _sections(data: dict, where: str) -> list[tuple[Section, list[Block]]]:
     for section in SECTIONS:
         if kind not in section.kinds:
             continue
-        blocks = [b for b in section.blocks(data)
-                  if isinstance(b, (Chart, Figure)) and where == FILE or
-                  not isinstance(b, (Chart, Figure)) and b.where in (ALL, where)]
+        blocks = [b for b in section.blocks(data) if b.where in (ALL, where)]
         if blocks:
             out.append((section, blocks))
     if where == FILE:
