@@ -221,6 +221,11 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def _is_number(value: Any) -> bool:
+    """An int or float (a bool is a yes/no, not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _shape(shape: Iterable[int]) -> str:
     return "×".join(str(s) for s in shape)
 
@@ -532,8 +537,7 @@ def _cost_rows(cost: dict) -> list[list[Any]]:
 
 
 def _change_row(name: str, before: Any, after: Any) -> list[Any]:
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                  for v in (before, after))
+    numeric = _is_number(before) and _is_number(after)
     return [name, before, after, after - before if numeric else None]
 
 
@@ -1009,8 +1013,8 @@ def _html_table(table: Table) -> str:
     for index, row in enumerate(table.rows):
         flag = ' class="bad"' if table.bad is not None and table.bad[index] else ""
         cells = "".join(
-            f'<td class="num">{_h(c)}</td>' if isinstance(c, (int, float))
-            and not isinstance(c, bool) else f"<td>{_h(c)}</td>" for c in row
+            f'<td class="num">{_h(c)}</td>' if _is_number(c) else f"<td>{_h(c)}</td>"
+            for c in row
         )
         out.append(f"<tr{flag}>{cells}</tr>")
     out.append("</tbody></table>")
@@ -1179,9 +1183,9 @@ def _rich_table(table: Table) -> RichTable:
                     caption=table.caption or None, caption_justify="left")
     for index in keep:
         name = table.header[index]
-        numeric = name in _NUMERIC_HEADERS or any(
-            isinstance(row[index], (int, float)) and not isinstance(row[index], bool)
-            for row in table.rows) or _numbers_as_text(row[index] for row in table.rows)
+        column = [row[index] for row in table.rows]
+        numeric = (name in _NUMERIC_HEADERS or any(_is_number(c) for c in column)
+                   or _numbers_as_text(column))
         # "fold" wraps a long cell instead of cutting it: a number is never shortened
         out.add_column(name, justify="right" if numeric else "left", overflow="fold")
     for index, row in enumerate(table.rows):
