@@ -230,6 +230,11 @@ def _shape(shape: Iterable[int]) -> str:
     return "×".join(str(s) for s in shape)
 
 
+def _modules_or_node(record: dict) -> str:
+    """Where a rewrite or a decline is: its original module paths, or its node without any."""
+    return ", ".join(record.get("module_paths", [])) or record["node"]
+
+
 def _declined_per_pass(conversion: dict) -> dict[str, int]:
     declined: dict[str, int] = {}
     for d in conversion.get("declined", []):
@@ -347,8 +352,7 @@ def _approximate(data: dict) -> list[Block]:
         within = "within" if approx.get("within_tolerance") else "OUTSIDE"
         lines.append(f"{within} the tolerance given (rtol {fmt(tolerance['rtol'])}, atol "
                      f"{fmt(tolerance['atol'])})")
-    rows = [[r["pass"], ", ".join(r["module_paths"]) or r["node"], r["detail"]]
-            for r in rewrites]
+    rows = [[r["pass"], _modules_or_node(r), r["detail"]] for r in rewrites]
     return [Text(banner, "approx", id="approximate"), Lines(lines, "note"),
             Table(["pass", "original modules", "what"], rows, title="approximate rewrites",
                   where=FILE)]
@@ -386,8 +390,8 @@ def _quant(data: dict) -> list[Block]:
     declined = (quant.get("equalization") or {}).get("declined", [])
     if declined:
         blocks.append(Table(["equalize left alone", "why"],
-                            [[", ".join(d.get("module_paths", [])) or d["node"], d["reason"]]
-                             for d in declined], where=FILE))
+                            [[_modules_or_node(d), d["reason"]] for d in declined],
+                            where=FILE))
     return blocks
 
 
@@ -449,8 +453,7 @@ def _declined(data: dict, limit: int = 5) -> list[Block]:
         if len(declined) > limit:
             lines.append(f"  ... and {len(declined) - limit} more (see `repfuse inspect`)")
         blocks.append(Lines(lines, where=TERMINAL))
-    rows = [[d["pass"], ", ".join(d.get("module_paths", [])) or d["node"], d["reason"]]
-            for d in declined]
+    rows = [[d["pass"], _modules_or_node(d), d["reason"]] for d in declined]
     blocks.append(Table(["pass", "where", "reason"], rows, where=FILE))
     return blocks
 
