@@ -601,20 +601,21 @@ def _outputs(data: dict) -> list[Block]:
     if "runs" not in data:
         return []
     header, rows = _run_rows(data)
+    bad = [r[3] == "FAIL" for r in rows]
+    tolerances = _tolerance_lines(data)
     blocks: list[Block] = []
     if kind_of(data) == "convert":
         blocks.append(Lines(_summary_lines(data), _verdict_style(data), where=TERMINAL))
     else:
-        blocks += [Table(header, rows, title="outputs", bad=[r[3] == "FAIL" for r in rows],
-                         where=TERMINAL, terminal_columns=[0, 1, 3, 4, 5, 9, 11, 12]),
-                   Lines([f"  {line}" for line in _tolerance_lines(data)], where=TERMINAL)]
-    bad = [r[3] == "FAIL" for r in rows]
+        blocks += [Table(header, rows, title="outputs", bad=bad, where=TERMINAL,
+                         terminal_columns=[0, 1, 3, 4, 5, 9, 11, 12]),
+                   Lines([f"  {line}" for line in tolerances], where=TERMINAL)]
     for columns, caption in ((_MAIN_COLUMNS, "baseline max rel: the unfused model in the same "
                                              "dtype against its float64 run"),
                              (_DETAIL_COLUMNS, "percentiles of |candidate − reference|")):
         blocks.append(Table([header[i] for i in columns], [[r[i] for i in columns] for r in rows],
                             caption=caption, bad=bad, where=FILE))
-    blocks.append(Lines(_tolerance_lines(data), where=FILE))
+    blocks.append(Lines(tolerances, where=FILE))
     if data.get("diagnosis"):
         blocks.append(Text(f"note: {data['diagnosis']}", "note", where=FILE))
     return blocks
