@@ -9,6 +9,8 @@ import html
 import math
 from typing import Any
 
+from repfuse.verify.compare import json_number
+
 FORM_LABELS = {"train": "train form", "fused": "fused", "equalized": "fused + equalize"}
 
 
@@ -16,22 +18,16 @@ def _data(report: Any) -> dict:
     return report if isinstance(report, dict) else report.to_dict()
 
 
-def _num(value: Any) -> float:
-    if isinstance(value, str):
-        return {"inf": math.inf, "-inf": -math.inf}.get(value, math.nan)
-    return float(value)
-
-
 def db(value: Any) -> str:
     """A decibel figure as text: one decimal, ``inf`` for an exact quantization."""
-    number = _num(value)
+    number = json_number(value)
     if math.isinf(number):
         return "inf" if number > 0 else "-inf"
     return f"{number:.1f}"
 
 
 def ratio(value: Any) -> str:
-    number = _num(value)
+    number = json_number(value)
     return "inf" if math.isinf(number) else f"{number:.3g}"
 
 
@@ -72,8 +68,8 @@ def form_rows(report: Any) -> tuple[list[str], list[list[str]]]:
 def activation_rows(report: Any) -> tuple[list[str], list[list[str]]]:
     data = _data(report)
     header = ["layer", "input range", "output range", "output ch. max/median", "float16"]
-    rows = [[a["module"], f"[{_num(a['input_min']):.3g}, {_num(a['input_max']):.3g}]",
-             f"[{_num(a['output_min']):.3g}, {_num(a['output_max']):.3g}]",
+    rows = [[a["module"], f"[{json_number(a['input_min']):.3g}, {json_number(a['input_max']):.3g}]",
+             f"[{json_number(a['output_min']):.3g}, {json_number(a['output_max']):.3g}]",
              ratio(a["channel_ratio"]), "overflow" if a["float16_overflow"] else "ok"]
             for a in data.get("activations", [])]
     return header, rows
@@ -87,11 +83,11 @@ def summary_lines(report: Any) -> list[str]:
     lines = [f"{len(data['flagged'])} of {len(layers)} layers flagged "
              f"(INT8 weight SQNR < {threshold:g} dB, outlier channels, float16 range)"]
     if layers:
-        worst = min(layers, key=lambda layer: _num(layer["sqnr_per_tensor_db"]))
+        worst = min(layers, key=lambda layer: json_number(layer["sqnr_per_tensor_db"]))
         line = (f"worst per-tensor INT8 weight SQNR: {db(worst['sqnr_per_tensor_db'])} dB "
                 f"({worst['module']})")
         if equalized:
-            eq = min(equalized, key=lambda layer: _num(layer["sqnr_per_tensor_db"]))
+            eq = min(equalized, key=lambda layer: json_number(layer["sqnr_per_tensor_db"]))
             line += f"; after equalize: {db(eq['sqnr_per_tensor_db'])} dB ({eq['module']})"
         lines.append(line)
     if data.get("equalization"):
@@ -157,7 +153,7 @@ def sqnr_chart_svg(report: Any, width: int = 1000, height: int = 380) -> str:
     equalized = {layer["module"]: layer for layer in data.get("equalized", [])}
     series_drawn = [s for s in SERIES if equalized or not s[3]]
     threshold = float(data["thresholds"]["sqnr_db"])
-    values = [_num(layer[key]) for layer in layers for key, *_ in series_drawn]
+    values = [json_number(layer[key]) for layer in layers for key, *_ in series_drawn]
     finite = [v for v in values if math.isfinite(v)]
     high = max(60.0, math.ceil(max(finite, default=60.0) / 10) * 10)
     left, right, top, bottom = 50, 10, 28, 170
@@ -183,7 +179,7 @@ def sqnr_chart_svg(report: Any, width: int = 1000, height: int = 380) -> str:
             source = equalized.get(layer["module"]) if from_equalized else layer
             if source is None:
                 continue
-            value = _num(source[key])
+            value = json_number(source[key])
             tip = html.escape(f"{layer['module']}: {label} {db(value)} dB")
             out.append(f'<rect x="{x0 + series * bar:.1f}" y="{y(value):.1f}" '
                        f'width="{bar:.1f}" height="{y(0) - y(value):.1f}" fill="{color}">'

@@ -160,6 +160,13 @@ def json_float(value: float) -> float | str:
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
+def json_number(value: float | str | None) -> float:
+    """A number as :func:`json_float` wrote it, back as a float (a missing one is nan)."""
+    if isinstance(value, str):
+        return {"inf": math.inf, "-inf": -math.inf}.get(value, math.nan)
+    return math.nan if value is None else float(value)
+
+
 def min_rtol_to_pass(metrics: ErrorMetrics, atol: float) -> float:
     """The smallest ``rtol`` with which these metrics pass at the given ``atol``."""
     excess = metrics.max_abs - atol

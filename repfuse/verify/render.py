@@ -41,7 +41,8 @@ from rich.text import Text as RichText
 from repfuse.errors import RepfuseError
 from repfuse.io import write_text
 from repfuse.quant import render as quant_render
-from repfuse.verify.report import divergence_lines
+from repfuse.verify.compare import json_number
+from repfuse.verify.report import divergence_lines, fmt_e
 
 REPORT_SUFFIXES = (".json", ".md", ".html")
 KINDS = ("convert", "inspect", "verify", "bench", "quant")
@@ -145,6 +146,7 @@ class Chart:
     rows: list[dict]
     rtol: float
     title: str
+    where: str = field(default=FILE, init=False)
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Figure:
 
     svg: str
     title: str
+    where: str = field(default=FILE, init=False)
 
 
 Block = Text | Lines | Table | Chart | Figure
@@ -179,6 +182,13 @@ def verdict(data: dict) -> str:
     if data.get("approximate"):
         return "APPROXIMATE"
     return "EQUIVALENT" if data.get("passed") else "NOT EQUIVALENT"
+
+
+def _verdict_style(data: dict) -> str:
+    """How the verdict is drawn: ``ok`` or ``fail``, ``note`` for an approximate result."""
+    if data.get("approximate"):
+        return "note"
+    return "ok" if data.get("passed") else "fail"
 
 
 def _status(passed: bool, data: dict) -> str:
@@ -211,14 +221,18 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def _as_float(value: Any) -> float:
-    if isinstance(value, str):
-        return {"inf": math.inf, "-inf": -math.inf}.get(value, math.nan)
-    return math.nan if value is None else float(value)
+def _is_number(value: Any) -> bool:
+    """An int or float (a bool is a yes/no, not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _shape(shape: Iterable[int]) -> str:
     return "×".join(str(s) for s in shape)
+
+
+def _modules_or_node(record: dict) -> str:
+    """Where a rewrite or a decline is: its original module paths, or its node without any."""
+    return ", ".join(record.get("module_paths", [])) or record["node"]
 
 
 def _declined_per_pass(conversion: dict) -> dict[str, int]:
@@ -236,21 +250,28 @@ def module_label(paths: list[str], limit: int = 48) -> str:
         return ""
     if len(paths) == 1:
         return paths[0]
-    split = [p.split(".") for p in paths]
-    common: list[str] = []
-    for parts in zip(*split, strict=False):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    common = common[:min(len(s) for s in split) - 1]
+    common = _common_parent(paths)
     head = ".".join(common) + ": " if common else ""
-    rest = [".".join(s[len(common):]) for s in split]
+    rest = [".".join(p.split(".")[len(common):]) for p in paths]
     for shown in range(len(rest), 0, -1):
         more = f" +{len(rest) - shown} more" if shown < len(rest) else ""
         label = head + ", ".join(rest[:shown]) + more
         if len(label) <= limit:
             return label
     return head + f"{len(rest)} modules"
+
+
+def _common_parent(paths: list[str]) -> list[str]:
+    """The leading parts of the dotted ``paths`` that all share, short of the last part of the
+    shortest (each path keeps a name of its own): ``["layer2", "0"]`` for ``layer2.0.conv1``
+    and ``layer2.0.bn1``, and for ``layer2.0.conv1`` alone."""
+    split = [p.split(".") for p in paths]
+    common: list[str] = []
+    for parts in zip(*split, strict=False):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return common[:min(len(s) for s in split) - 1]
 
 
 # --- the sections -------------------------------------------------------------------------------
@@ -294,9 +315,6 @@ def _header(data: dict) -> list[Block]:
                            f"  ({data.get('convert_seconds', 0):.2f} s to fuse; {info})",
                            where=TERMINAL))
     if kind in ("convert", "verify") and "runs" in data:
-        style = "ok" if data.get("passed") else "fail"
-        if data.get("approximate"):
-            style = "note"
         blocks.append(Text(verdict(data), "verdict", where=FILE, id="verdict"))
         details = [f"deployment dtype {data.get('deploy_dtype')}",
                    f"report schema {data.get('schema_version')}"]
@@ -304,7 +322,8 @@ def _header(data: dict) -> list[Block]:
         if kind == "verify":
             blocks.append(Text(f"[bold]{verdict(data)}[/]: {data.get('candidate')} vs "
                                f"{data.get('reference')}  (deployment dtype "
-                               f"{data.get('deploy_dtype')})", style, where=TERMINAL))
+                               f"{data.get('deploy_dtype')})", _verdict_style(data),
+                               where=TERMINAL))
     return blocks
 
 
@@ -318,10 +337,11 @@ def _approximate(data: dict) -> list[Block]:
     banner = (f"APPROXIMATE, not exact: {len(rewrites)} rewrite(s) by "
               f"{', '.join(approx.get('passes', []))} change what the model computes; "
               f"measured against the original run in float64: max rel error "
-              f"{_e(approx['max_rel_error'])}, max abs error {_e(approx['max_abs_error'])}")
+              f"{fmt_e(approx['max_rel_error'])}, max abs error {fmt_e(approx['max_abs_error'])}")
     measured = approx.get("measured_on") or {}
-    errors = "; ".join(f"{e['dtype']}: max rel {_e(e['max_rel'])}, max abs {_e(e['max_abs'])}, "
-                       f"SQNR {_f1(e['sqnr_db'])} dB" for e in approx.get("errors", []))
+    errors = "; ".join(f"{e['dtype']}: max rel {fmt_e(e['max_rel'])}, max abs "
+                       f"{fmt_e(e['max_abs'])}, SQNR {quant_render.db(e['sqnr_db'])} dB"
+                       for e in approx.get("errors", []))
     lines = [f"measured on {measured.get('batches')} batch(es) ({measured.get('source')}): "
              f"{errors}"]
     tolerance = approx.get("tolerance")
@@ -332,8 +352,7 @@ def _approximate(data: dict) -> list[Block]:
         within = "within" if approx.get("within_tolerance") else "OUTSIDE"
         lines.append(f"{within} the tolerance given (rtol {fmt(tolerance['rtol'])}, atol "
                      f"{fmt(tolerance['atol'])})")
-    rows = [[r["pass"], ", ".join(r["module_paths"]) or r["node"], r["detail"]]
-            for r in rewrites]
+    rows = [[r["pass"], _modules_or_node(r), r["detail"]] for r in rewrites]
     return [Text(banner, "approx", id="approximate"), Lines(lines, "note"),
             Table(["pass", "original modules", "what"], rows, title="approximate rewrites",
                   where=FILE)]
@@ -371,8 +390,8 @@ def _quant(data: dict) -> list[Block]:
     declined = (quant.get("equalization") or {}).get("declined", [])
     if declined:
         blocks.append(Table(["equalize left alone", "why"],
-                            [[", ".join(d.get("module_paths", [])) or d["node"], d["reason"]]
-                             for d in declined], where=FILE))
+                            [[_modules_or_node(d), d["reason"]] for d in declined],
+                            where=FILE))
     return blocks
 
 
@@ -434,8 +453,7 @@ def _declined(data: dict, limit: int = 5) -> list[Block]:
         if len(declined) > limit:
             lines.append(f"  ... and {len(declined) - limit} more (see `repfuse inspect`)")
         blocks.append(Lines(lines, where=TERMINAL))
-    rows = [[d["pass"], ", ".join(d.get("module_paths", [])) or d["node"], d["reason"]]
-            for d in declined]
+    rows = [[d["pass"], _modules_or_node(d), d["reason"]] for d in declined]
     blocks.append(Table(["pass", "where", "reason"], rows, where=FILE))
     return blocks
 
@@ -471,17 +489,7 @@ def _blocks(data: dict) -> list[Block]:
 
 
 def _block_of(module_paths: list[str]) -> str:
-    if not module_paths:
-        return ""
-    split = [p.split(".") for p in module_paths]
-    common: list[str] = []
-    for parts in zip(*split, strict=False):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    if len(common) == min(len(parts) for parts in split):
-        common = common[:-1]
-    return ".".join(common)
+    return ".".join(_common_parent(module_paths)) if module_paths else ""
 
 
 def _not_mergeable(data: dict) -> list[Block]:
@@ -532,8 +540,7 @@ def _cost_rows(cost: dict) -> list[list[Any]]:
 
 
 def _change_row(name: str, before: Any, after: Any) -> list[Any]:
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                  for v in (before, after))
+    numeric = _is_number(before) and _is_number(after)
     return [name, before, after, after - before if numeric else None]
 
 
@@ -581,44 +588,34 @@ def _summary_lines(data: dict) -> list[str]:
         status = _status(run["passed"], data)
         applied = "" if status == "not exact" else f"rtol {tol['rtol']:g}, atol {tol['atol']:g}; "
         lines.append(
-            f"  {run['dtype']:>8}: {status}  max rel {_e(worst['max_rel'])}  max abs "
-            f"{_e(worst['max_abs'])}  SQNR {_f1(worst['sqnr_db'])} dB  ({applied}passes with "
-            f"rtol >= {_e(run['min_rtol_to_pass'])})")
+            f"  {run['dtype']:>8}: {status}  max rel {fmt_e(worst['max_rel'])}  max abs "
+            f"{fmt_e(worst['max_abs'])}  SQNR {quant_render.db(worst['sqnr_db'])} dB  "
+            f"({applied}passes with rtol >= {fmt_e(run['min_rtol_to_pass'])})")
     if data.get("diagnosis"):
         lines.append(f"  note: {data['diagnosis']}")
     lines += divergence_lines(data)
     return lines
 
 
-def _e(value: Any) -> str:
-    return value if isinstance(value, str) else f"{value:.3e}"
-
-
-def _f1(value: Any) -> str:
-    return value if isinstance(value, str) else f"{value:.1f}"
-
-
 def _outputs(data: dict) -> list[Block]:
     if "runs" not in data:
         return []
-    style = "ok" if data.get("passed") else "fail"
-    if data.get("approximate"):
-        style = "note"
     header, rows = _run_rows(data)
+    bad = [r[3] == "FAIL" for r in rows]
+    tolerances = _tolerance_lines(data)
     blocks: list[Block] = []
     if kind_of(data) == "convert":
-        blocks.append(Lines(_summary_lines(data), style, where=TERMINAL))
+        blocks.append(Lines(_summary_lines(data), _verdict_style(data), where=TERMINAL))
     else:
-        blocks += [Table(header, rows, title="outputs", bad=[r[3] == "FAIL" for r in rows],
-                         where=TERMINAL, terminal_columns=[0, 1, 3, 4, 5, 9, 11, 12]),
-                   Lines([f"  {line}" for line in _tolerance_lines(data)], where=TERMINAL)]
-    bad = [r[3] == "FAIL" for r in rows]
+        blocks += [Table(header, rows, title="outputs", bad=bad, where=TERMINAL,
+                         terminal_columns=[0, 1, 3, 4, 5, 9, 11, 12]),
+                   Lines([f"  {line}" for line in tolerances], where=TERMINAL)]
     for columns, caption in ((_MAIN_COLUMNS, "baseline max rel: the unfused model in the same "
                                              "dtype against its float64 run"),
                              (_DETAIL_COLUMNS, "percentiles of |candidate − reference|")):
         blocks.append(Table([header[i] for i in columns], [[r[i] for i in columns] for r in rows],
                             caption=caption, bad=bad, where=FILE))
-    blocks.append(Lines(_tolerance_lines(data), where=FILE))
+    blocks.append(Lines(tolerances, where=FILE))
     if data.get("diagnosis"):
         blocks.append(Text(f"note: {data['diagnosis']}", "note", where=FILE))
     return blocks
@@ -681,13 +678,10 @@ def _localization(data: dict, limit: int = 25) -> list[Block]:
 def _divergence_terminal(data: dict) -> list[Block]:
     if kind_of(data) != "verify":
         return []
-    style = "ok" if data.get("passed") else "fail"
-    if data.get("approximate"):
-        style = "note"
     lines = [line.strip() for line in divergence_lines(data)]
     if data.get("diagnosis"):
         lines.append(f"note: {data['diagnosis']}")
-    return [Lines(lines, style, where=TERMINAL)] if lines else []
+    return [Lines(lines, _verdict_style(data), where=TERMINAL)] if lines else []
 
 
 def _most_telling(rows: list[list[Any]], limit: int) -> list[list[Any]]:
@@ -699,7 +693,7 @@ def _most_telling(rows: list[list[Any]], limit: int) -> list[list[Any]]:
 
 
 def _sortable(value: Any) -> float:
-    number = _as_float(value)
+    number = json_number(value)
     return math.inf if math.isnan(number) else number
 
 
@@ -716,8 +710,8 @@ def _exports(data: dict) -> list[Block]:
         tol = run.get("tolerance", {})
         status = "ok" if e["passed"] else "FAIL"
         how = e.get("run_by", e["format"])
-        lines.append(f"{e['format']} {e['path']}: {status}  max rel {_e(worst.get('max_rel'))}"
-                     f"  max abs {_e(worst.get('max_abs'))} in {run.get('dtype')} vs the "
+        lines.append(f"{e['format']} {e['path']}: {status}  max rel {fmt_e(worst.get('max_rel'))}"
+                     f"  max abs {fmt_e(worst.get('max_abs'))} in {run.get('dtype')} vs the "
                      f"float64 reference ({how}; rtol {tol.get('rtol'):g}, atol "
                      f"{tol.get('atol'):g})")
         if e.get("onnx_nodes"):
@@ -921,9 +915,7 @@ def _sections(data: dict, where: str) -> list[tuple[Section, list[Block]]]:
     for section in SECTIONS:
         if kind not in section.kinds:
             continue
-        blocks = [b for b in section.blocks(data)
-                  if isinstance(b, (Chart, Figure)) and where == FILE or
-                  not isinstance(b, (Chart, Figure)) and b.where in (ALL, where)]
+        blocks = [b for b in section.blocks(data) if b.where in (ALL, where)]
         if blocks:
             out.append((section, blocks))
     if where == FILE:
@@ -1025,8 +1017,8 @@ def _html_table(table: Table) -> str:
     for index, row in enumerate(table.rows):
         flag = ' class="bad"' if table.bad is not None and table.bad[index] else ""
         cells = "".join(
-            f'<td class="num">{_h(c)}</td>' if isinstance(c, (int, float))
-            and not isinstance(c, bool) else f"<td>{_h(c)}</td>" for c in row
+            f'<td class="num">{_h(c)}</td>' if _is_number(c) else f"<td>{_h(c)}</td>"
+            for c in row
         )
         out.append(f"<tr{flag}>{cells}</tr>")
     out.append("</tbody></table>")
@@ -1084,7 +1076,7 @@ def error_chart_svg(rows: list[dict], rtol: float, width: int = 700) -> str:
     node and the error are in each bar's tooltip and in the table below). An exact zero is a
     dot at the left, a non-finite error a bar to the right end. ``width`` fits a printed page.
     """
-    values = [_as_float(r.get("max_rel")) for r in rows]
+    values = [json_number(r.get("max_rel")) for r in rows]
     labels = [module_label(list(r.get("module_paths") or []))
               or str(r.get("module") or r.get("node") or i) for i, r in enumerate(rows)]
     positive = [v for v in values if math.isfinite(v) and v > 0]
@@ -1195,9 +1187,9 @@ def _rich_table(table: Table) -> RichTable:
                     caption=table.caption or None, caption_justify="left")
     for index in keep:
         name = table.header[index]
-        numeric = name in _NUMERIC_HEADERS or any(
-            isinstance(row[index], (int, float)) and not isinstance(row[index], bool)
-            for row in table.rows) or _numbers_as_text(row[index] for row in table.rows)
+        column = [row[index] for row in table.rows]
+        numeric = (name in _NUMERIC_HEADERS or any(_is_number(c) for c in column)
+                   or _numbers_as_text(column))
         # "fold" wraps a long cell instead of cutting it: a number is never shortened
         out.add_column(name, justify="right" if numeric else "left", overflow="fold")
     for index, row in enumerate(table.rows):

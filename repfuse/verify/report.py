@@ -260,7 +260,7 @@ def divergence_lines(data: dict) -> list[str]:
         label = "suspects" if first["kind"] == "module" else "original modules"
         lines.append(f"  first divergence: {where}"
                      + (f", {label} {paths}" if paths else "")
-                     + f": max rel {_number(first['max_rel'])}")
+                     + f": max rel {fmt_e(first['max_rel'])}")
         if data.get("passed") and not data.get("approximate"):
             lines.append("  (the outputs still match on these inputs: the difference is masked "
                          "downstream, e.g. by a ReLU, and may show on other inputs)")
@@ -277,5 +277,6 @@ def divergence_lines(data: dict) -> list[str]:
     return lines
 
 
-def _number(value: float | str) -> str:
+def fmt_e(value: float | str) -> str:
+    """A number as :func:`json_float` wrote it, in scientific notation (``1.234e-05``)."""
     return value if isinstance(value, str) else f"{value:.3e}"

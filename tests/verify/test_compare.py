@@ -15,6 +15,8 @@ from repfuse.verify.compare import (
     ErrorMetrics,
     Tolerance,
     default_tolerance,
+    json_float,
+    json_number,
     min_rtol_to_pass,
 )
 
@@ -133,3 +135,12 @@ def test_min_rtol_to_pass_is_the_boundary():
     assert not Tolerance(rtol * (1 - 1e-6), atol).allows(metrics.max_abs, metrics.ref_max_abs)
     # An atol that already covers the error needs no rtol at all.
     assert min_rtol_to_pass(metrics, atol=1.0) == 0.0
+
+
+def test_json_numbers_read_back_as_written():
+    values = [0.0, -2.5, 1e-300, 3, math.inf, -math.inf]
+    written = json.loads(json.dumps([json_float(v) for v in values]))
+    assert written[4:] == ["inf", "-inf"]  # JSON has no inf: spelled as strings
+    assert [json_number(w) for w in written] == values
+    assert math.isnan(json_number(json.loads(json.dumps(json_float(math.nan)))))
+    assert math.isnan(json_number(None))  # a missing number
