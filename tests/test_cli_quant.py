@@ -120,6 +120,8 @@ def test_terminal_markdown_and_html_draw_the_same_numbers(quant_run):
     assert written["quant"] == data["quant"]
     markdown = (folder / "q.md").read_text()
     assert markdown.startswith(f"# repfuse quant-report: {MODEL}")
+    layers = len(data["quant"]["layers"])
+    assert f"{layers} conv/linear layers after fusion · quant report schema 1" in markdown
     assert f"| {worst['module']} |" in markdown and f"| {figure} |" in markdown
     page = (folder / "q.html").read_text()
     assert '<h2 id="quant">Quantization readiness</h2>' in page

@@ -163,6 +163,7 @@ def test_convert_writes_a_markdown_report(tmp_path):
     assert result.exit_code == 0, result.output
     text = report.read_text()
     assert "**EQUIVALENT**" in text and "| ops: BatchNorm2d | 12 | 0 | -12 |" in text
+    assert "deployment dtype float32 · report schema 3" in text
 
 
 def test_verify_writes_markdown(tmp_path, fused_file):

@@ -948,12 +948,7 @@ def _plain(text: str) -> str:
 def render_markdown(report: Any) -> str:
     data = as_report_dict(report)
     lines = [f"# {_title(data)}", ""]
-    if "runs" in data:
-        lines += [f"**{verdict(data)}** (deployment dtype {data.get('deploy_dtype')}, report "
-                  f"schema {data.get('schema_version')})", ""]
     for section, blocks in _sections(data, FILE):
-        if section.key == "header":
-            continue
         if section.title:
             lines += [f"## {section.title}", ""]
         for block in blocks:
@@ -963,7 +958,7 @@ def render_markdown(report: Any) -> str:
                 lines += [f"- {_plain(line).strip()}" for line in block.lines] + [""]
             elif isinstance(block, Text):
                 text = _plain(block.text)
-                lines += [f"**{text}**" if block.style == "approx" else text, ""]
+                lines += [f"**{text}**" if block.style in ("approx", "verdict") else text, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
