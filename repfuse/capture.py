@@ -1044,14 +1044,12 @@ class _PartialCapture:
 
     def _put_back(self, replaced: _Replaced, name: str) -> None:
         """Undo the replacement, at every path where the module is (it may be shared)."""
-        paths = [item.path for item in self.replaced if item.traced is replaced.traced]
         for item in [item for item in self.replaced if item.traced is replaced.traced]:
             setattr(item.parent, item.name, item.original)
             self.replaced.remove(item)
-        for path in paths:
-            if path in self.info.parts:
-                self.info.parts.remove(path)
-            for line in self.decisions.pop(path, []):
+            if item.path in self.info.parts:
+                self.info.parts.remove(item.path)
+            for line in self.decisions.pop(item.path, []):
                 self.info.specialized.remove(line)
         kind = type(replaced.original).__name__
         self.info.skipped.append(SkippedModule(
