@@ -320,7 +320,7 @@ def layer_view(gm: GraphModule, node: Node) -> LayerView | None:
         return None  # weights computed at run time (dynamic conv): not a constant layer
     if bias_node is not None and not _is_attr(bias_node):
         return None
-    if any(_has_node(args[name]) for name in ("stride", "padding", "dilation", "groups",
+    if any(has_node(args[name]) for name in ("stride", "padding", "dilation", "groups",
                                                "output_padding")):
         return None  # settings computed at run time: no fixed layer
     padding = args["padding"] if isinstance(args["padding"], str) else ntuple(args["padding"],
@@ -396,7 +396,9 @@ def _paths_of_attrs(attrs: Iterable[Node]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for n in attrs for p in origin_paths_of(n)))
 
 
-def _has_node(value: Any) -> bool:
+def has_node(value: Any) -> bool:
+    """True when ``value`` is a node or a list/tuple holding one: an argument computed at run
+    time (a padding or size read off a tensor), not a constant."""
     if isinstance(value, Node):
         return True
     return isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value)

@@ -68,6 +68,7 @@ from repfuse.graph import (
     written_in_place,
 )
 from repfuse.graph import arith_kind as _arith_kind
+from repfuse.graph import has_node as _has_node
 
 # --- per-channel affine ops: eval batch norm and scale/bias by constants ---------------------
 
@@ -296,12 +297,6 @@ class AvgPool:
 
     def padding_tuple(self) -> tuple[int, ...]:
         return ntuple(self.padding, self.dims)
-
-
-def _has_node(value: Any) -> bool:
-    if isinstance(value, Node):
-        return True
-    return isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value)
 
 
 def avgpool_of(gm: GraphModule, node: Node) -> AvgPool | None:
