@@ -50,7 +50,7 @@ from torch.fx.proxy import Attribute, TraceError
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map, tree_unflatten
 
-from repfuse.errors import CaptureError, RepfuseError, RepfuseWarning
+from repfuse.errors import CaptureError, RepfuseError, RepfuseWarning, first_line
 from repfuse.graph import (
     META_KEY,
     METADATA_ATTRIBUTES,
@@ -83,10 +83,9 @@ def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    if isinstance(exc, TraceError) and text:
-        return text[0]  # our own tracer's words
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    if isinstance(exc, TraceError) and str(exc).strip():
+        return str(exc).strip().splitlines()[0]  # our own tracer's words
+    return first_line(exc)
 
 
 # --- what the result says about itself -------------------------------------------------------

@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from repfuse.cost import NodeCost, node_cost, nodes_cost
-from repfuse.errors import GraphInvariantError, PassBugWarning
+from repfuse.errors import GraphInvariantError, PassBugWarning, first_line
 from repfuse.graph import (
     META_KEY,
     UseIndex,
@@ -843,8 +843,7 @@ def _visit(pass_: Pass, node: Node, rewriter: Rewriter) -> Rewrite | Decline | N
                 f"{type(exc).__name__}: {exc}") from exc
         if _strict():
             raise
-        text = str(exc).strip().splitlines()
-        message = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        message = first_line(exc)
         label = describe(node, rewriter.gm)
         warnings.warn(f"repfuse bug: {pass_.name} failed while examining {label} ({message}); "
                       "the candidate is left as it was", PassBugWarning, stacklevel=2)
