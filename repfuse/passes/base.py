@@ -741,9 +741,11 @@ def _elementwise(gm: GraphModule, node: Node) -> bool:
         return True
     found = classify(gm, node)
     return found is not None and found[1][0] == "activation"
+
+
 def _same_shape(old: Node, new: Node) -> bool:
-    before = getattr(old.meta.get("tensor_meta"), "shape", None)
-    return before is not None and before == getattr(new.meta.get("tensor_meta"), "shape", None)
+    before = shape_of(old)
+    return before is not None and before == shape_of(new)
 
 
 def _path_exists(gm: GraphModule, path: str) -> bool:
