@@ -50,7 +50,7 @@ from torch.fx.proxy import Attribute, TraceError
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map, tree_unflatten
 
-from repfuse.errors import CaptureError, RepfuseError, RepfuseWarning
+from repfuse.errors import CaptureError, RepfuseError, RepfuseWarning, first_line
 from repfuse.graph import (
     META_KEY,
     METADATA_ATTRIBUTES,
@@ -83,10 +83,9 @@ def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    if isinstance(exc, TraceError) and text:
-        return text[0]  # our own tracer's words
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    if isinstance(exc, TraceError) and str(exc).strip():
+        return str(exc).strip().splitlines()[0]  # our own tracer's words
+    return first_line(exc)
 
 
 # --- what the result says about itself -------------------------------------------------------
@@ -873,18 +872,30 @@ def symbolic_trace(model: nn.Module, inputs: Sequence[Any] | None = None) -> Gra
 # --- shapes ---------------------------------------------------------------------------------
 
 
-class _ShapeRecorder(Interpreter):
+class _NodeFailure(Exception):
+    """``node`` raised the exception that is this one's ``__cause__``."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node.name)
+        self.node = node
+
+
+class _NodeLocator(Interpreter):
+    """Runs a graph node by node and says which node failed (:class:`_NodeFailure`)."""
+
+    def run_node(self, node: Node) -> Any:
+        try:
+            return super().run_node(node)
+        except Exception as exc:
+            raise _NodeFailure(node) from exc
+
+
+class _ShapeRecorder(_NodeLocator):
     """Runs the graph once and records each node's output shape/dtype as fx's ShapeProp does,
     but reports a failure as one error naming the node, without printing a traceback."""
 
     def run_node(self, node: Node) -> Any:
-        try:
-            result = super().run_node(node)
-        except Exception as exc:
-            where = node.target if node.op == "call_module" else node.name
-            raise CaptureError(
-                f"running the traced model failed at '{where}': {_first_line(exc)}"
-            ) from exc
+        result = super().run_node(node)
         found = False
 
         def extract(obj: Any) -> Any:
@@ -912,8 +923,11 @@ def propagate_shapes(gm: GraphModule, inputs: Sequence[Any]) -> None:
     try:
         with torch.no_grad():
             _ShapeRecorder(gm).run(*inputs)
-    except CaptureError as exc:
-        raise CaptureError(f"{exc} (inputs of shape {shapes})") from exc.__cause__
+    except _NodeFailure as failure:
+        node, exc = failure.node, failure.__cause__
+        where = node.target if node.op == "call_module" else node.name
+        raise CaptureError(f"running the traced model failed at '{where}': {_first_line(exc)} "
+                           f"(inputs of shape {shapes})") from exc
     except Exception as exc:  # e.g. the wrong number of inputs
         raise CaptureError(
             f"running the traced model on inputs of shape {shapes} failed: {_first_line(exc)}"
@@ -1029,14 +1043,12 @@ class _PartialCapture:
 
     def _put_back(self, replaced: _Replaced, name: str) -> None:
         """Undo the replacement, at every path where the module is (it may be shared)."""
-        paths = [item.path for item in self.replaced if item.traced is replaced.traced]
         for item in [item for item in self.replaced if item.traced is replaced.traced]:
             setattr(item.parent, item.name, item.original)
             self.replaced.remove(item)
-        for path in paths:
-            if path in self.info.parts:
-                self.info.parts.remove(path)
-            for line in self.decisions.pop(path, []):
+            if item.path in self.info.parts:
+                self.info.parts.remove(item.path)
+            for line in self.decisions.pop(item.path, []):
                 self.info.specialized.remove(line)
         kind = type(replaced.original).__name__
         self.info.skipped.append(SkippedModule(
@@ -1221,27 +1233,11 @@ def _failure_site(entered: list[tuple[str, nn.Module, tuple, dict]], exc: Except
             with torch.no_grad(), redirect_stderr(io.StringIO()):
                 _NodeLocator(gm).run(*values)
         except _NodeFailure as located:
-            node = _join(part_path, located.node)
+            node = _join(part_path, located.node.name)
             return f"at node '{node}' in {where}: {_first_line(located.__cause__)}"
         except Exception:
             pass
     return f"in {where}: {_first_line(exc)}"
-
-
-class _NodeFailure(Exception):
-    def __init__(self, node: str) -> None:
-        super().__init__(node)
-        self.node = node
-
-
-class _NodeLocator(Interpreter):
-    """Runs a graph node by node and says which node failed."""
-
-    def run_node(self, node: Node) -> Any:
-        try:
-            return super().run_node(node)
-        except Exception as exc:
-            raise _NodeFailure(node.name) from exc
 
 
 def run_quietly(model: nn.Module, inputs: Sequence[Any]) -> Any:

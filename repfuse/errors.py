@@ -11,6 +11,12 @@ this family (``KeyError`` for an unknown name, ``ValueError`` for a structure th
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line error says of an exception."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 class RepfuseError(Exception):
     """Base class: a problem the user can act on."""
 

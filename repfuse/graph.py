@@ -397,8 +397,8 @@ def _paths_of_attrs(attrs: Iterable[Node]) -> tuple[str, ...]:
 
 
 def has_node(value: Any) -> bool:
-    """True when ``value`` is a node or a list/tuple holding one (a setting computed at run
-    time)."""
+    """True when ``value`` is a node or a list/tuple holding one: an argument computed at run
+    time (a padding or size read off a tensor), not a constant."""
     if isinstance(value, Node):
         return True
     return isinstance(value, (list, tuple)) and any(isinstance(v, Node) for v in value)
@@ -565,11 +565,17 @@ def reads_metadata_only(user: Node, node: Node) -> bool:
         return False
     if any(a is node for a in _flat_args(user)[1:]):
         return False
-    if user.op == "call_function" and user.target is getattr:
-        return len(user.args) == 2 and user.args[1] in METADATA_ATTRIBUTES
-    if user.op == "call_function":
-        return user.target in METADATA_FUNCTIONS
-    return user.op == "call_method" and user.target in METADATA_METHODS
+    return _reads_metadata(user)
+
+
+def _reads_metadata(node: Node) -> bool:
+    """True when ``node`` reads the metadata of its first argument (``x.shape``, ``x.size(1)``,
+    ``aten.sym_size.int(x, 0)``)."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in METADATA_ATTRIBUTES
+    if node.op == "call_function":
+        return node.target in METADATA_FUNCTIONS
+    return node.op == "call_method" and node.target in METADATA_METHODS
 
 
 def reads_rank_only(user: Node, node: Node) -> bool:
@@ -593,11 +599,7 @@ SCALAR_FUNCTIONS = frozenset(
 def is_metadata_helper(node: Node) -> bool:
     """True for a node that computes a plain value from metadata or other plain values
     (``x.shape``, ``x.size(1) * 2``, ``x.ndim == 4``): pure, no tensor values read."""
-    if node.op == "call_function" and node.target is getattr:
-        return len(node.args) == 2 and node.args[1] in METADATA_ATTRIBUTES
-    if node.op == "call_method":
-        return node.target in METADATA_METHODS
-    if node.op == "call_function" and node.target in METADATA_FUNCTIONS:
+    if _reads_metadata(node):
         return True
     return node.op == "call_function" and node.target in SCALAR_FUNCTIONS and not any(
         _produces_tensor(a) for a in node.all_input_nodes)

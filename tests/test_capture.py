@@ -194,6 +194,15 @@ def test_wrong_input_shape_is_a_capture_error():
         repfuse.trace(make_net(), random_input((1, 5, 10, 10)))
 
 
+def test_wrong_input_shape_error_is_one_line_naming_the_layer():
+    with pytest.raises(repfuse.CaptureError) as info:
+        repfuse.trace(make_net(), random_input((1, 5, 10, 10)))
+    message = str(info.value)
+    assert "\n" not in message  # not fx's "While executing ..." appended to it
+    assert message.startswith("running the traced model failed at 'block.conv': RuntimeError: ")
+    assert message.endswith(" (inputs of shape [1, 5, 10, 10])")
+
+
 def test_wrong_input_shape_prints_nothing(capsys):
     with pytest.raises(repfuse.CaptureError):
         repfuse.trace(make_net(), random_input((1, 5, 10, 10)))

@@ -29,15 +29,10 @@ from torch.fx import GraphModule, Node
 
 from repfuse.capture import GUARD_MESSAGE, ExampleInputs, as_input_tuple
 from repfuse.errors import ExportError
+from repfuse.errors import first_line as first_line  # the exporters import it from here
 from repfuse.io import atomic_write
 from repfuse.verify import EquivalenceReport, VerifyOptions, eval_copy
 from repfuse.verify.render import describe_node_counts
-
-
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: what a one-line error says of an exception."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 @dataclass

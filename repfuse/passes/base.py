@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from repfuse.cost import NodeCost, node_cost, nodes_cost
-from repfuse.errors import GraphInvariantError, PassBugWarning
+from repfuse.errors import GraphInvariantError, PassBugWarning, first_line
 from repfuse.graph import (
     META_KEY,
     UseIndex,
@@ -741,9 +741,11 @@ def _elementwise(gm: GraphModule, node: Node) -> bool:
         return True
     found = classify(gm, node)
     return found is not None and found[1][0] == "activation"
+
+
 def _same_shape(old: Node, new: Node) -> bool:
-    before = getattr(old.meta.get("tensor_meta"), "shape", None)
-    return before is not None and before == getattr(new.meta.get("tensor_meta"), "shape", None)
+    before = shape_of(old)
+    return before is not None and before == shape_of(new)
 
 
 def _path_exists(gm: GraphModule, path: str) -> bool:
@@ -843,8 +845,7 @@ def _visit(pass_: Pass, node: Node, rewriter: Rewriter) -> Rewrite | Decline | N
                 f"{type(exc).__name__}: {exc}") from exc
         if _strict():
             raise
-        text = str(exc).strip().splitlines()
-        message = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        message = first_line(exc)
         label = describe(node, rewriter.gm)
         warnings.warn(f"repfuse bug: {pass_.name} failed while examining {label} ({message}); "
                       "the candidate is left as it was", PassBugWarning, stacklevel=2)
