@@ -130,22 +130,6 @@ class CaptureInfo:
             "dropped_hooks": list(self.dropped_hooks),
         }
 
-    def summary_lines(self) -> list[str]:
-        lines = []
-        if self.partial:
-            traced = ", ".join(f"'{p}'" for p in self.parts) or "none"
-            lines.append(f"partial capture: traced and fused {len(self.parts)} part(s) "
-                         f"({traced}); kept {len(self.skipped)} eager:")
-            lines += [f"  {s.describe()}: {s.reason}" for s in self.skipped]
-        if self.specialized:
-            lines.append("specialized to the example input's shapes (the fused model checks "
-                         "them):")
-            lines += [f"  {decision}" for decision in self.specialized]
-        if self.dropped_hooks:
-            lines.append("dropped forward hooks of: " + ", ".join(self.dropped_hooks))
-        return lines
-
-
 def capture_info(model: nn.Module) -> CaptureInfo | None:
     """What :func:`capture` recorded about ``model`` (or the fused model made from it)."""
     meta = getattr(model, "meta", None)

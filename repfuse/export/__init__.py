@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from repfuse.errors import ExportError
-from repfuse.export.base import ExportResult, describe_node_counts
+from repfuse.export.base import ExportResult
 from repfuse.export.code import CODE_FILE, WEIGHTS_FILE, PythonSource, emit_code, python_source
 from repfuse.export.deploy import build_deploy_model, export_deploy_state_dict, load_by_structure
 from repfuse.export.onnx import (
@@ -49,6 +49,7 @@ from repfuse.export.onnx import (
 from repfuse.export.pt2 import export_pt2
 from repfuse.export.torchscript import export_torchscript, torchscript_module
 from repfuse.io import OnnxModel
+from repfuse.verify.render import describe_node_counts
 
 # Exporters by output extension; ``.pt`` (the GraphModule itself) is repfuse.io.save_model.
 EXPORTERS: dict[str, Callable[..., ExportResult]] = {

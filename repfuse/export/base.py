@@ -29,10 +29,8 @@ from torch.fx import GraphModule, Node
 
 from repfuse.capture import GUARD_MESSAGE, ExampleInputs, as_input_tuple
 from repfuse.errors import ExportError
-from repfuse.errors import first_line as first_line  # the exporters import it from here
 from repfuse.io import atomic_write
 from repfuse.verify import EquivalenceReport, VerifyOptions, eval_copy
-from repfuse.verify.render import describe_node_counts
 
 
 @dataclass
@@ -69,22 +67,6 @@ class ExportResult:
             out["onnx_nodes"] = self.onnx_nodes
         out["check"] = self.check.to_dict()
         return out
-
-    def summary_lines(self) -> list[str]:
-        """The verdict with the worst error, and for ONNX the node counts."""
-        run = self.check.runs[-1]
-        worst = run.worst
-        status = "ok" if self.passed else "FAIL"
-        how = self.details.get("run_by", self.format)
-        lines = [
-            f"{self.format} {self.path}: {status}  max rel {worst.max_rel:.3e}  max abs "
-            f"{worst.max_abs:.3e} in {run.dtype} vs the float64 reference ({how}; "
-            f"rtol {run.tolerance.rtol:g}, atol {run.tolerance.atol:g})"
-        ]
-        if self.onnx_nodes:
-            lines.append("onnx nodes: " + describe_node_counts(self.onnx_nodes))
-        return lines
-
 
 # --- inputs ------------------------------------------------------------------------------------
 

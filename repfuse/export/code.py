@@ -31,12 +31,11 @@ from torch.fx.graph import _custom_builtins
 
 from repfuse._version import __version__
 from repfuse.capture import ExampleInputs
-from repfuse.errors import ExportError
+from repfuse.errors import ExportError, first_line
 from repfuse.export.base import (
     ExportResult,
     checked_export,
     example_inputs_of,
-    first_line,
     prepared,
 )
 from repfuse.graph import fetch_attr

@@ -19,8 +19,8 @@ import torch.fx
 from torch import Tensor, nn
 
 from repfuse.capture import ExampleInputs
-from repfuse.errors import ExportError, ModelStructureError, RepfuseError
-from repfuse.export.base import ExportResult, FileExport, first_line
+from repfuse.errors import ExportError, ModelStructureError, RepfuseError, first_line
+from repfuse.export.base import ExportResult, FileExport
 from repfuse.io import build_arch
 from repfuse.verify import DEFAULT_VERIFY, VerifyOptions, eval_copy
 

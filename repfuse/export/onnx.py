@@ -28,13 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from repfuse.capture import ExampleInputs, as_input_tuple
-from repfuse.errors import ExportError
+from repfuse.errors import ExportError, first_line
 from repfuse.export.base import (
     ExportResult,
     FileExport,
     check_dynamic,
     dynamic_axes_of,
-    first_line,
     input_axes,
     native_output_silenced,
     prepared,

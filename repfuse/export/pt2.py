@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from repfuse.capture import ExampleInputs
-from repfuse.errors import ExportError
+from repfuse.errors import ExportError, first_line
 from repfuse.export.base import (
     ExportResult,
     FileExport,
     check_dynamic,
-    first_line,
     input_axes,
     native_output_silenced,
 )

@@ -19,12 +19,11 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from repfuse.capture import ExampleInputs, as_input_tuple
-from repfuse.errors import ExportError
+from repfuse.errors import ExportError, first_line
 from repfuse.export.base import (
     ExportResult,
     FileExport,
     check_dynamic,
-    first_line,
     prepared,
     refuse_value_branches,
     without_guards,
