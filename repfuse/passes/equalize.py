@@ -424,7 +424,8 @@ def _topological(nodes: list[Node]) -> list[Node]:
     return ordered
 
 
-def _weights_of(layer: LayerView) -> LayerWeights:
+def layer_weights(layer: LayerView) -> LayerWeights:
+    """The weights of a conv/linear layer of the graph, as the equalization math reads them."""
     return LayerWeights(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
                         layer.groups, layer.kind == "conv_transpose")
 
@@ -495,7 +496,7 @@ class Equalize(Pass):
                 views[reader.node] = reader
         order = list(views)
         position = {n: i for i, n in enumerate(order)}
-        layers = [_weights_of(views[n]) for n in order]
+        layers = [layer_weights(views[n]) for n in order]
         sets = [ChannelSet(position[s.producer.node],
                            tuple((position[r.node], index) for r, index in s.readers))
                 for s in group]

@@ -34,11 +34,11 @@ from torch.fx import GraphModule, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repfuse.capture import propagate_shapes, trace
-from repfuse.equalization import LayerWeights, output_channel_ranges, range_ratio
+from repfuse.equalization import output_channel_ranges, range_ratio
 from repfuse.errors import RepfuseError
 from repfuse.graph import LayerView, layer_view, origin_paths_of
 from repfuse.passes import run_passes, run_pipeline
-from repfuse.passes.equalize import Equalize
+from repfuse.passes.equalize import Equalize, layer_weights
 from repfuse.quant.fakequant import (
     FLOAT16_MAX,
     channel_sqnr_db,
@@ -208,12 +208,6 @@ class QuantReport:
 # --- weights ---------------------------------------------------------------------------------
 
 
-def _weights(view: LayerView) -> LayerWeights:
-    return LayerWeights(view.weight.detach().to(F64),
-                        None if view.bias is None else view.bias.detach().to(F64),
-                        view.groups, view.kind == "conv_transpose")
-
-
 def _batchnorm_causes(
     original: nn.Module | None, paths: Sequence[str], ranges: Tensor,
     outliers: Sequence[int], thresholds: Thresholds,
@@ -264,7 +258,7 @@ def layer_quant(gm: GraphModule, node: Node, original: nn.Module | None = None,
     if view is None:
         raise RepfuseError(f"{node.format_node()} is not a conv/linear layer")
     stored = stored or view
-    weights = _weights(view)
+    weights = layer_weights(view)
     ranges = output_channel_ranges(weights)
     axis = 1 if view.kind == "conv_transpose" else 0
     per_tensor = weight_sqnr_db(weights.weight, per_channel=False)
