@@ -44,7 +44,15 @@ from repfuse.equalization import (
     range_ratio,
     solve_equalization,
 )
-from repfuse.graph import LayerView, bind_args, data_users, describe, layer_view, shape_of
+from repfuse.graph import (
+    LayerView,
+    bind_args,
+    data_users,
+    describe,
+    layer_view,
+    read_count,
+    shape_of,
+)
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 # A group whose solved scales are all within this of 1 is already equalized (float32 weights
@@ -234,7 +242,7 @@ class _ChannelFlow:
 
     def _reader_index(self, reader: LayerView, flows: dict) -> Tensor:
         source = reader.input
-        if source not in flows or _reads(reader.node, source) != 1:
+        if source not in flows or read_count(reader.node, source) != 1:
             raise self.blocked(reader.node, "reads them other than as its one data input")
         axis, index = flows[source]
         rank = len(shape_of(source) or ())
@@ -251,7 +259,7 @@ class _ChannelFlow:
         """The one carrying input of ``node``, which must be its data input, read once."""
         carrying = [n for n in node.all_input_nodes if n in flows]
         data = _data_arg(node)
-        if carrying != [data] or _reads(node, data) != 1 or not isinstance(flows[data][1],
+        if carrying != [data] or read_count(node, data) != 1 or not isinstance(flows[data][1],
                                                                             Tensor):
             raise self.blocked(node, "reads them other than as its data input")
         axis, index = flows[data]
@@ -362,12 +370,6 @@ class _ChannelFlow:
                     and isinstance(user.args[1], int)):
                 raise self.blocked(user, "reads the split's parts other than one by one")
         return axis, list(torch.split(index, [s[axis] for s in shapes]))
-
-
-def _reads(node: Node, source: Node) -> int:
-    flat: list[Any] = []
-    torch.fx.node.map_aggregate((node.args, node.kwargs), flat.append)
-    return sum(1 for a in flat if a is source)
 
 
 def _data_arg(node: Node) -> Any:
