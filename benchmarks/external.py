@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "external"))
 
 from corpus import CORPUS, Spec  # noqa: E402
-from harness import F32_FACTOR, F64_LIMIT, evaluate  # noqa: E402
+from harness import F32_FACTOR, F64_LIMIT, evaluate, first_line  # noqa: E402
 
 TARGET_RATIO = 1.02
 
@@ -72,7 +72,7 @@ def measure(spec: Spec, rounds: int, warmup: int) -> dict:
     try:
         result = evaluate(spec, keep=models)
     except Exception as exc:  # building the model itself failed: report it, go on
-        return {"id": spec.id, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        return {"id": spec.id, "error": first_line(exc)}
     row = result.to_dict()
     # where the deploy form drops outputs, time repfuse's fusion of the same outputs
     fused = models.get("fused_same_outputs") or models.get("fused")
@@ -80,7 +80,7 @@ def measure(spec: Spec, rounds: int, warmup: int) -> dict:
         try:
             row["timing"] = time_pair(fused, models["deploy"], models["inputs"], rounds, warmup)
         except Exception as exc:
-            row["timing_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            row["timing_error"] = first_line(exc)
     return row
 
 

@@ -58,9 +58,9 @@ from repfuse.models import create_model
 from repfuse.passes import run_passes
 from repfuse.passes.equalize import Equalize
 from repfuse.quant import quant_report, sqnr_db
+from repfuse.quant.render import FORM_LABELS, db
 
 FORMS = ("train", "fused", "equalized")
-LABELS = {"train": "train form", "fused": "fused", "equalized": "fused + equalize"}
 
 
 # --- data and training ---------------------------------------------------------------------
@@ -228,10 +228,6 @@ def bench_model(name: str, data: dict, epochs: int, scratch: Path) -> dict:
 # --- printing ------------------------------------------------------------------------------
 
 
-def fmt_db(value: float) -> str:
-    return "inf" if math.isinf(value) else f"{value:.1f}"
-
-
 def print_results(r: dict) -> list[tuple[str, bool, str]]:
     """Print one model's tables; return the targets as (target, met, evidence)."""
     report = r["report"]
@@ -242,7 +238,7 @@ def print_results(r: dict) -> list[tuple[str, bool, str]]:
     print("|---|---|---|---|")
     for form in FORMS:
         row = r["top1"][form]
-        print(f"| {LABELS[form]} | {row['float32']:.2f} | {row['per_tensor']:.2f} | "
+        print(f"| {FORM_LABELS[form]} | {row['float32']:.2f} | {row['per_tensor']:.2f} | "
               f"{row['per_channel']:.2f} |")
 
     simulated = {f.form: f for f in report.forms}
@@ -251,9 +247,9 @@ def print_results(r: dict) -> list[tuple[str, bool, str]]:
     print("|---|---|---|")
     for form in FORMS:
         sim = simulated[form]
-        print(f"| {LABELS[form]} | {fmt_db(sim.per_tensor_db)} / {fmt_db(sim.per_channel_db)} | "
-              f"{fmt_db(r['sqnr'][(form, 'per_tensor')])} / "
-              f"{fmt_db(r['sqnr'][(form, 'per_channel')])} |")
+        print(f"| {FORM_LABELS[form]} | {db(sim.per_tensor_db)} / {db(sim.per_channel_db)} | "
+              f"{db(r['sqnr'][(form, 'per_tensor')])} / "
+              f"{db(r['sqnr'][(form, 'per_channel')])} |")
 
     print("\n| layer | max/median | predicted per-tensor dB | onnxruntime per-tensor dB | "
           "predicted per-channel dB | onnxruntime per-channel dB | flagged | "
@@ -269,10 +265,10 @@ def print_results(r: dict) -> list[tuple[str, bool, str]]:
         if min(measured_t, measured_c) < report.thresholds.sqnr_db and not layer.flagged:
             missed.append(layer.module)
         print(f"| {layer.module} | {layer.range_ratio:.3g} | "
-              f"{fmt_db(layer.sqnr_per_tensor_db)} | {fmt_db(measured_t)} | "
-              f"{fmt_db(layer.sqnr_per_channel_db)} | {fmt_db(measured_c)} | "
-              f"{'yes' if layer.flagged else ''} | {fmt_db(eq.sqnr_per_tensor_db)} / "
-              f"{fmt_db(eq_t[i][1])} |")
+              f"{db(layer.sqnr_per_tensor_db)} | {db(measured_t)} | "
+              f"{db(layer.sqnr_per_channel_db)} | {db(measured_c)} | "
+              f"{'yes' if layer.flagged else ''} | {db(eq.sqnr_per_tensor_db)} / "
+              f"{db(eq_t[i][1])} |")
     for layer in report.layers:
         for cause in layer.batchnorm_causes:
             print(f"\n- {layer.module}: {cause.describe()}")
@@ -286,7 +282,7 @@ def print_results(r: dict) -> list[tuple[str, bool, str]]:
          "missed: " + ", ".join(missed) if missed else
          f"{sum(1 for lay in report.layers if lay.flagged)} flagged, none missed"),
         (f"{name}: equalize raises the worst layer's per-tensor weight SQNR", worst_eq > worst,
-         f"{fmt_db(worst)} -> {fmt_db(worst_eq)} dB"),
+         f"{db(worst)} -> {db(worst_eq)} dB"),
         (f"{name}: equalize does not lower INT8 top-1",
          top["equalized"]["per_tensor"] >= top["fused"]["per_tensor"]
          and top["equalized"]["per_channel"] >= top["fused"]["per_channel"],

@@ -688,8 +688,7 @@ def sole_user(node: Node) -> Node | None:
     users = [u for u in node.users if not reads_metadata_only(u, node)]
     if len(users) != 1:
         return None
-    reads = sum(1 for a in _flat_args(users[0]) if a is node)
-    return _result_reader(users[0]) if reads == 1 else None
+    return _result_reader(users[0]) if read_count(users[0], node) == 1 else None
 
 
 def other_users(gm: GraphModule, node: Node, expected: Node | None = None) -> str:
@@ -741,6 +740,12 @@ def _flat_args(node: Node) -> list[Any]:
     flat: list[Any] = []
     torch.fx.node.map_aggregate((node.args, node.kwargs), flat.append)
     return flat
+
+
+def read_count(user: Node, node: Node) -> int:
+    """How many of ``user``'s arguments (nested in lists, tuples and dicts included) are
+    ``node``."""
+    return sum(1 for a in _flat_args(user) if a is node)
 
 
 _ARITH_FUNCTIONS = {

@@ -7,6 +7,8 @@ float64 output), and the scales balance the ranges they are meant to balance.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,8 +61,7 @@ ACTIVATIONS = {
 @pytest.mark.parametrize("groups", [1, 2])
 def test_rescaled_pair_computes_the_same(activation: str, groups: int) -> None:
     f = ACTIVATIONS[activation]
-    first = LayerWeights(imbalanced_conv(8, 6 // groups, 3, 1).weight,
-                         imbalanced_conv(8, 6 // groups, 3, 1).bias, groups)
+    first = replace(imbalanced_conv(8, 6 // groups, 3, 1), groups=groups)
     second = LayerWeights(imbalanced_conv(4, 8 // groups, 3, 2).weight,
                           torch.randn(4, dtype=F64), groups)
     x = random_input((2, 6, 9, 9), dtype=F64)

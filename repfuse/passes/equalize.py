@@ -44,7 +44,15 @@ from repfuse.equalization import (
     range_ratio,
     solve_equalization,
 )
-from repfuse.graph import LayerView, bind_args, data_users, describe, layer_view, shape_of
+from repfuse.graph import (
+    LayerView,
+    bind_args,
+    data_users,
+    describe,
+    layer_view,
+    read_count,
+    shape_of,
+)
 from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 
 # A group whose solved scales are all within this of 1 is already equalized (float32 weights
@@ -234,7 +242,7 @@ class _ChannelFlow:
 
     def _reader_index(self, reader: LayerView, flows: dict) -> Tensor:
         source = reader.input
-        if source not in flows or _reads(reader.node, source) != 1:
+        if source not in flows or read_count(reader.node, source) != 1:
             raise self.blocked(reader.node, "reads them other than as its one data input")
         axis, index = flows[source]
         rank = len(shape_of(source) or ())
@@ -251,7 +259,7 @@ class _ChannelFlow:
         """The one carrying input of ``node``, which must be its data input, read once."""
         carrying = [n for n in node.all_input_nodes if n in flows]
         data = _data_arg(node)
-        if carrying != [data] or _reads(node, data) != 1 or not isinstance(flows[data][1],
+        if carrying != [data] or read_count(node, data) != 1 or not isinstance(flows[data][1],
                                                                             Tensor):
             raise self.blocked(node, "reads them other than as its data input")
         axis, index = flows[data]
@@ -364,12 +372,6 @@ class _ChannelFlow:
         return axis, list(torch.split(index, [s[axis] for s in shapes]))
 
 
-def _reads(node: Node, source: Node) -> int:
-    flat: list[Any] = []
-    torch.fx.node.map_aggregate((node.args, node.kwargs), flat.append)
-    return sum(1 for a in flat if a is source)
-
-
 def _data_arg(node: Node) -> Any:
     if node.args:
         return node.args[0]
@@ -424,7 +426,8 @@ def _topological(nodes: list[Node]) -> list[Node]:
     return ordered
 
 
-def _weights_of(layer: LayerView) -> LayerWeights:
+def layer_weights(layer: LayerView) -> LayerWeights:
+    """The weights of a conv/linear layer of the graph, as the equalization math reads them."""
     return LayerWeights(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
                         layer.groups, layer.kind == "conv_transpose")
 
@@ -495,7 +498,7 @@ class Equalize(Pass):
                 views[reader.node] = reader
         order = list(views)
         position = {n: i for i, n in enumerate(order)}
-        layers = [_weights_of(views[n]) for n in order]
+        layers = [layer_weights(views[n]) for n in order]
         sets = [ChannelSet(position[s.producer.node],
                            tuple((position[r.node], index) for r, index in s.readers))
                 for s in group]

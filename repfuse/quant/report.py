@@ -34,24 +34,23 @@ from torch.fx import GraphModule, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repfuse.capture import propagate_shapes, trace
-from repfuse.equalization import LayerWeights, output_channel_ranges, range_ratio
+from repfuse.equalization import output_channel_ranges, range_ratio
 from repfuse.errors import RepfuseError
 from repfuse.graph import LayerView, layer_view, origin_paths_of
 from repfuse.passes import run_passes, run_pipeline
-from repfuse.passes.equalize import Equalize
+from repfuse.passes.equalize import Equalize, layer_weights
 from repfuse.quant.fakequant import (
+    F64,
     FLOAT16_MAX,
     channel_sqnr_db,
     float16_counts,
     subnormal_count,
     weight_sqnr_db,
 )
-from repfuse.quant.simulate import _Watch, simulate_int8
+from repfuse.quant.simulate import Batch, _Watch, as_float64, simulate_int8
 from repfuse.verify.compare import json_float
 
 SCHEMA_VERSION = 1
-F64 = torch.float64
-Batch = tuple[Tensor, ...]
 # What the train form becomes in any deployment: batch norms folded into their own branch.
 TRAIN_FOLDS = ("remove_noops", "fold_batchnorm", "fold_scale_bias")
 
@@ -208,12 +207,6 @@ class QuantReport:
 # --- weights ---------------------------------------------------------------------------------
 
 
-def _weights(view: LayerView) -> LayerWeights:
-    return LayerWeights(view.weight.detach().to(F64),
-                        None if view.bias is None else view.bias.detach().to(F64),
-                        view.groups, view.kind == "conv_transpose")
-
-
 def _batchnorm_causes(
     original: nn.Module | None, paths: Sequence[str], ranges: Tensor,
     outliers: Sequence[int], thresholds: Thresholds,
@@ -264,7 +257,7 @@ def layer_quant(gm: GraphModule, node: Node, original: nn.Module | None = None,
     if view is None:
         raise RepfuseError(f"{node.format_node()} is not a conv/linear layer")
     stored = stored or view
-    weights = _weights(view)
+    weights = layer_weights(view)
     ranges = output_channel_ranges(weights)
     axis = 1 if view.kind == "conv_transpose" else 0
     per_tensor = weight_sqnr_db(weights.weight, per_channel=False)
@@ -344,7 +337,7 @@ def activation_ranges(gm: GraphModule, batches: Sequence[Batch]) -> list[Activat
     watch = _Watch(gm, set(layers) | inputs, observe)
     with torch.no_grad():
         for batch in batches:
-            watch.run(*(t.to(F64) if t.is_floating_point() else t for t in batch))
+            watch.run(*as_float64(batch))
     out = []
     for node, view in layers.items():
         if node not in seen or view.input not in seen:
@@ -382,12 +375,8 @@ def _graphs(model: nn.Module, batches: list[Batch]) -> tuple[GraphModule, GraphM
                            "inputs to trace the model with")
     gm = copy.deepcopy(source).to(F64).eval()
     if batches:  # equalize reads shapes; a loaded .pt has none
-        propagate_shapes(gm, list(_f64(batches[0])))
+        propagate_shapes(gm, list(as_float64(batches[0])))
     return source, gm
-
-
-def _f64(batch: Batch) -> Batch:
-    return tuple(t.to(F64) if t.is_floating_point() else t for t in batch)
 
 
 def quant_report(
@@ -436,7 +425,7 @@ def quant_report(
         return report
     report.activations = activation_ranges(fused, batches)
     if original is not None:
-        train = trace(copy.deepcopy(original).to(F64).eval(), _f64(batches[0]))
+        train = trace(copy.deepcopy(original).to(F64).eval(), as_float64(batches[0]))
         run_pipeline(train, TRAIN_FOLDS)
         sim = simulate_int8(train, batches)
         report.forms.append(FormSQNR("train", sim.per_tensor_db, sim.per_channel_db,

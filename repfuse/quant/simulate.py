@@ -21,9 +21,8 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.utils._pytree import tree_leaves
 
 from repfuse.graph import arith_kind, fetch_attr, layer_view
-from repfuse.quant.fakequant import quantize_activation, quantize_weight, sqnr_db
+from repfuse.quant.fakequant import F64, quantize_activation, quantize_weight, sqnr_db
 
-F64 = torch.float64
 Batch = tuple[Tensor, ...]
 
 
@@ -50,24 +49,32 @@ def quant_points(gm: GraphModule) -> list[Node]:
     """The nodes whose outputs a static QDQ quantization quantizes (see the module doc)."""
     points: dict[Node, None] = {}
     for node in gm.graph.nodes:
+        layer = layer_view(gm, node)
         if node.op == "placeholder":
             points[node] = None
-        elif layer_view(gm, node) is not None:
-            points[layer_view(gm, node).input] = None
+        elif layer is not None:
+            points[layer.input] = None
             points[node] = None
         elif arith_kind(node) == "add" and sum(isinstance(a, Node) for a in node.args) == 2:
             points[node] = None
     return list(points)
 
 
-def run_float64(gm: GraphModule, batches: Sequence[Batch]) -> list[Tensor]:
-    """The outputs of ``gm`` (float64) for each batch, flattened to one tensor per batch."""
+def as_float64(batch: Batch) -> Batch:
+    """``batch`` with its floating-point tensors in float64 (integer tensors as they are)."""
+    return tuple(t.to(F64) if t.is_floating_point() else t for t in batch)
+
+
+def _outputs(watch: _Watch, batches: Sequence[Batch]) -> Tensor:
+    """The outputs of ``watch``'s graph on every batch (float64), flattened into one tensor."""
     with torch.no_grad():
-        return [_flat(gm(*(_f64(t) for t in batch))) for batch in batches]
+        return torch.cat([_flat(watch.run(*as_float64(batch))) for batch in batches])
 
 
-def calibrate(gm: GraphModule, batches: Sequence[Batch]) -> dict[Node, tuple[float, float]]:
-    """``(min, max)`` of every quantization point over ``batches``."""
+def calibrate(gm: GraphModule, batches: Sequence[Batch]
+              ) -> tuple[dict[Node, tuple[float, float]], Tensor]:
+    """``(min, max)`` of every quantization point over ``batches``, and the outputs of
+    ``gm`` on them (flattened into one tensor): the calibration run is the float64 run."""
     ranges: dict[Node, tuple[float, float]] = {}
 
     def observe(node: Node, value: Tensor) -> None:
@@ -75,11 +82,8 @@ def calibrate(gm: GraphModule, batches: Sequence[Batch]) -> dict[Node, tuple[flo
         old = ranges.get(node)
         ranges[node] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
 
-    watch = _Watch(gm, set(quant_points(gm)), observe)
-    with torch.no_grad():
-        for batch in batches:
-            watch.run(*(_f64(t) for t in batch))
-    return ranges
+    outputs = _outputs(_Watch(gm, set(quant_points(gm)), observe), batches)
+    return ranges, outputs
 
 
 def fake_quantized(gm: GraphModule, per_channel: bool) -> GraphModule:
@@ -112,8 +116,7 @@ def simulate_int8(gm: GraphModule, batches: Sequence[Batch]) -> SimulatedSQNR:
     """Calibrate on ``batches``, then run the fake-INT8 model (per-tensor and per-channel
     weights, INT8 activations) on the same batches and compare with float64."""
     float_model = copy.deepcopy(gm).to(F64).eval()
-    reference = torch.cat(run_float64(float_model, batches))
-    ranges = calibrate(float_model, batches)
+    ranges, reference = calibrate(float_model, batches)
     results = []
     for per_channel in (False, True):
         quantized = fake_quantized(float_model, per_channel)
@@ -124,17 +127,9 @@ def simulate_int8(gm: GraphModule, batches: Sequence[Batch]) -> SimulatedSQNR:
             lo, hi = limits[node]
             return quantize_activation(value, lo, hi)
 
-        watch = _Watch(quantized, set(limits), fake)
-        outputs = []
-        with torch.no_grad():
-            for batch in batches:
-                outputs.append(_flat(watch.run(*(_f64(t) for t in batch))))
-        results.append(sqnr_db(reference, torch.cat(outputs)))
+        outputs = _outputs(_Watch(quantized, set(limits), fake), batches)
+        results.append(sqnr_db(reference, outputs))
     return SimulatedSQNR(results[0], results[1], len(ranges))
-
-
-def _f64(t: Tensor) -> Tensor:
-    return t.to(F64) if t.is_floating_point() else t
 
 
 def _flat(out) -> Tensor:

@@ -27,7 +27,6 @@ from torch import nn
 
 import repfuse
 from repfuse.equalization import (
-    LayerWeights,
     input_channel_ranges,
     output_channel_ranges,
     range_ratio,
@@ -35,7 +34,7 @@ from repfuse.equalization import (
 from repfuse.graph import layer_view
 from repfuse.models import create_model, randomize_bn_stats
 from repfuse.passes import DEFAULT_PIPELINE, REGISTRY, run_passes
-from repfuse.passes.equalize import Equalize
+from repfuse.passes.equalize import Equalize, layer_weights
 from repfuse.verify.compare import default_tolerance
 from repfuse.verify.localize import localize
 
@@ -209,7 +208,7 @@ def test_chain_balances_each_pair_and_lowers_the_range_ratio() -> None:
     x = random_input((2, 3, 12, 12), dtype=torch.float64)
     gm = repfuse.trace(model, x)
     before = {n.target: layer_view(gm, n) for n in gm.graph.nodes if layer_view(gm, n)}
-    worst_before = max(range_ratio(output_channel_ranges(_weights(v))) for v in
+    worst_before = max(range_ratio(output_channel_ranges(layer_weights(v))) for v in
                        before.values())
 
     equalize(gm)
@@ -217,16 +216,12 @@ def test_chain_balances_each_pair_and_lowers_the_range_ratio() -> None:
     after = {n.target: layer_view(gm, n) for n in gm.graph.nodes if layer_view(gm, n)}
     pairs = [("conv1", "conv2"), ("conv2", "conv3"), ("conv3", "conv4")]
     for producer, reader in pairs:
-        r1 = output_channel_ranges(_weights(after[producer]))
-        r2 = input_channel_ranges(_weights(after[reader]))
+        r1 = output_channel_ranges(layer_weights(after[producer]))
+        r2 = input_channel_ranges(layer_weights(after[reader]))
         assert torch.allclose(r1, r2, rtol=1e-6, atol=0), (producer, reader)
-    worst_after = max(range_ratio(output_channel_ranges(_weights(v))) for v in after.values())
+    worst_after = max(range_ratio(output_channel_ranges(layer_weights(v))) for v in after.values())
     assert worst_after < worst_before
     assert rel_err(reference64(model, x), gm(x)) <= F64_RTOL
-
-
-def _weights(view):
-    return LayerWeights(view.weight, view.bias, view.groups, view.kind == "conv_transpose")
 
 
 def test_equalize_is_opt_in_registered_and_idempotent() -> None:
