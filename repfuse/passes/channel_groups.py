@@ -53,6 +53,7 @@ from repfuse.graph import (
     describe,
     fetch_attr,
     layer_view,
+    read_count,
     shape_of,
 )
 from repfuse.lift import CONCATS, affine_op
@@ -1475,7 +1476,7 @@ def _consumer_side(region: Region, node: Node, assign) -> None:
                                           "others read it"))
             continue
         layer = dense_layer(gm, user)
-        if layer is not None and layer.view.input is node and _reads_once(user, node):
+        if layer is not None and layer.view.input is node and read_count(user, node) == 1:
             if layout != ((layer.in_axis, layer.view.in_channels),):
                 region.keep.append(Keep(node, f"{describe(user, gm)} reads it along another "
                                               "axis"))
@@ -1526,12 +1527,6 @@ def _why_not_channel_op(gm: GraphModule, node: Node) -> str:
                                                        F.local_response_norm):
         return "mixes channels"
     return "is not a channel op prune_dead can slice"
-
-
-def _reads_once(user: Node, node: Node) -> bool:
-    flat: list = []
-    torch.fx.node.map_aggregate((user.args, user.kwargs), flat.append)
-    return sum(1 for a in flat if a is node) == 1
 
 
 def _inplace(gm: GraphModule, node: Node) -> bool:

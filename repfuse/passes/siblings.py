@@ -21,12 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch.fx import GraphModule, Node
 
 from repfuse.algebra import Kernel, concat
 from repfuse.cost import NodeCost, layer_cost, nodes_cost, pays
-from repfuse.graph import LayerView, describe, layer_view, shape_of
+from repfuse.graph import LayerView, describe, layer_view, read_count, shape_of
 from repfuse.lift import (
     LinearStep,
     kernel_module,
@@ -67,7 +66,7 @@ def _conv_siblings(gm: GraphModule, source: Node) -> list[_Sibling]:
         step = lift(gm, user)
         if not isinstance(step, LinearStep) or not step.is_conv or step.input is not source:
             continue
-        if _reads(user, source) != 1:
+        if read_count(user, source) != 1:
             continue
         siblings.append(_Sibling(user, step, step.origin, layer_view(gm, user)))
     return siblings
@@ -79,16 +78,10 @@ def _linear_siblings(gm: GraphModule, source: Node) -> list[_Sibling]:
         layer = layer_view(gm, user)
         if layer is None or layer.kind != "linear" or layer.input is not source:
             continue
-        if _reads(user, source) != 1:
+        if read_count(user, source) != 1:
             continue
         siblings.append(_Sibling(user, None, layer.origin_paths()[0], layer))
     return siblings
-
-
-def _reads(user: Node, source: Node) -> int:
-    flat: list = []
-    torch.fx.node.map_aggregate((user.args, user.kwargs), flat.append)
-    return sum(1 for a in flat if a is source)
 
 
 def _in_graph_order(siblings: list[_Sibling], source: Node) -> list[_Sibling]:
