@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import REPFUSE
 from click.testing import CliRunner, Result
 from conftest import random_input, reference64, rel_err
 
 from repfuse.cli import main
 from repfuse.models import create_model
 
-REPFUSE = Path(sys.executable).with_name("repfuse")
 TINY = ["--input-shape", "1,3,32,32"]
 
 

@@ -14,36 +14,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_runs import cli, console_script
+from click.testing import Result
 from conftest import random_input, reference64, rel_err
 from torch import nn
 from torch.fx import GraphModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repfuse.cli import main
 from repfuse.errors import RepfuseError
 from repfuse.models import create_model, list_models
 from repfuse.passes import DEFAULT_PIPELINE, REGISTRY
 
-REPFUSE = Path(sys.executable).with_name("repfuse")
 TINY = "resnet_tiny"
 TINY_SHAPE = (1, 3, 32, 32)
 F32_RTOL = 1e-5
-
-
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def console_script(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPFUSE), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
 
 
 def error_line(stderr: str) -> str:

@@ -25,23 +25,18 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_runs import cli, console_script
+from click.testing import Result
 from conftest import random_input, reference64
 from torch import nn
 
-from repfuse.cli import main
 from repfuse.models import create_model, randomize_bn_stats
 
-REPFUSE = Path(sys.executable).with_name("repfuse")
 SCREENSHOT = Path(__file__).parents[1] / "scripts" / "screenshot-report"
 THRESHOLD = 1e-2
 NEARLY_DEAD = {"1": [2, 5, 11], "4": [7]}  # BN index in the Sequential -> channels
 # "EQUIVALENT" as a verdict, alone or in "NOT EQUIVALENT": an approximation is neither
 EQUIVALENT = re.compile(r"\bEQUIVALENT\b")
-
-
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def nearly_dead_model() -> nn.Sequential:
@@ -239,17 +234,13 @@ def test_prune_by_norm(tmp_path):
     assert stacked_error(by_hand, fused, x)[0] < 1e-5
 
 
-def console_script(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPFUSE), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=180)
-
-
 @pytest.mark.parametrize(("args", "message"), [
     (["--prune-below", "-1"], "the threshold must be >= 0"),
     (["--prune-by", "norm"], "--prune-by needs --prune-below"),
 ])
 def test_bad_prune_options_are_one_line_and_exit_2(tmp_path, args, message):
-    done = console_script("convert", "resnet_tiny", "-o", "out.pt", *args, cwd=tmp_path)
+    done = console_script("convert", "resnet_tiny", "-o", "out.pt", *args, cwd=tmp_path,
+                          timeout=180)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("repfuse: error: ") and message in lines[0]

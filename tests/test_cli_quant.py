@@ -19,23 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_runs import cli, console_script
+from click.testing import Result
 from conftest import random_input, reference64
 from int8_reference import int8_weight, sqnr_db
 from torch import nn
 
 import repfuse
-from repfuse.cli import main
 from repfuse.models import create_model
 
 MODEL = "repvgg_tiny"
 SHAPE = (1, 3, 32, 32)
-REPFUSE = Path(sys.executable).with_name("repfuse")
 SCREENSHOT = Path(__file__).parents[1] / "scripts" / "screenshot-report"
-
-
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +169,6 @@ def test_convert_with_quant_report_carries_the_section(tmp_path, calibration, qu
     assert ((fused(x).double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
-def console_script(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPFUSE), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=180)
-
-
 @pytest.mark.parametrize(("args", "message"), [
     (["quant-report", MODEL, "--report", "q.csv"], "unsupported report type '.csv'"),
     (["quant-report", "no_such_model"], "no file or zoo model named 'no_such_model'"),
@@ -186,7 +176,7 @@ def console_script(*args: object, cwd: Path) -> subprocess.CompletedProcess:
     (["quant-report", "branchynet_tiny"], "fused in parts"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    done = console_script(*args, cwd=tmp_path)
+    done = console_script(*args, cwd=tmp_path, timeout=180)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("repfuse: ")]
     assert len(lines) == 1 and lines[0].startswith("repfuse: error: ")

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_runs import REPFUSE, cli
 from conftest import random_input, reference64
 from torch import nn
 
 import repfuse
-from repfuse.cli import main
 from repfuse.convert import example_input
 from repfuse.export.deploy import load_by_structure
 from repfuse.models import create_model
@@ -32,11 +31,6 @@ from repfuse.passes import history
 
 TINY = "resnet_tiny"
 TINY_SHAPE = (1, 3, 32, 32)
-REPFUSE = Path(sys.executable).with_name("repfuse")
-
-
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def max_abs_over(reference: nn.Module, candidate: nn.Module, batches) -> float:

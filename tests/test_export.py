@@ -24,14 +24,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_runs import cli
 from conftest import random_input, reference64, rel_err
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repfuse
 from repfuse.capture import RepfuseWarning
-from repfuse.cli import main
 from repfuse.errors import LoadError
 from repfuse.export import (
     DEFAULT_OPSET,
@@ -75,10 +74,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def error_line(stderr: str, after_conversion: bool = False) -> str:

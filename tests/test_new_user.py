@@ -24,6 +24,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import user_nets
+from cli_runs import REPFUSE
 from click.testing import CliRunner, Result
 from conftest import random_input, reference64, rel_err
 from rich.console import Console
@@ -48,7 +49,6 @@ from repfuse.verify.render import render_html, render_markdown, render_terminal
 F32_RTOL = 1e-5
 ONE_BATCH = VerifyOptions(batches=1)
 NETS = Path(user_nets.__file__)
-REPFUSE = Path(sys.executable).with_name("repfuse")
 
 
 def cli(*args: object) -> Result:
