@@ -207,15 +207,11 @@ class _CallCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def op_counts(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Counter, list[str]]:
-    """Conv and BatchNorm calls of one run of ``model``, and the paths of the BatchNorm
-    modules called (in call order, a path once per call)."""
-    counts, called, _ = _count_calls(model, inputs)
-    return counts, called
-
-
-def _count_calls(model: nn.Module, inputs: tuple[Tensor, ...]
-                 ) -> tuple[Counter, list[str], set[str]]:
+def op_counts(model: nn.Module, inputs: tuple[Tensor, ...]
+              ) -> tuple[Counter, list[str], set[str]]:
+    """Conv and BatchNorm calls of one run of ``model``, the paths of the BatchNorm modules
+    called (in call order, a path once per call), and those of the ones that call
+    ``F.batch_norm`` (what :func:`batchnorm_sites` needs to know)."""
     counter = _CallCounter()
     called: list[str] = []
     handles = []
@@ -351,15 +347,15 @@ class _Dataflow(TorchFunctionMode):
         return ""
 
 
-def batchnorm_sites(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[tuple[str, str]]:
+def batchnorm_sites(model: nn.Module, inputs: tuple[Tensor, ...], functional: set[str]
+                    ) -> list[tuple[str, str]]:
     """``(path, why it folds)`` for every BatchNorm call of one run of ``model``; ``why`` is
     empty where neither its producer nor its reader offers an exact fold (an independent,
     local rule: a conv/linear producer or reader, through views, read by nothing else).
 
     A BatchNorm module that calls ``F.batch_norm`` (possibly with more around it, like an
     activation) is that call; one that does not (a frozen BatchNorm's scale and shift) is
-    one opaque call."""
-    _, _, functional = _count_calls(model, inputs)
+    one opaque call; ``functional``: the paths of the former (from :func:`op_counts`)."""
     flow = _Dataflow()
     handles = []
     for path, module in model.named_modules():
@@ -539,14 +535,15 @@ def evaluate(spec: Spec, *, blocks: bool = True, keep: dict | None = None) -> Ev
     ref64 = outputs(model64, x64)
     result.floor32 = rel_error(ref64, outputs(model32, x32))
     result.sensitivity = sensitivity(model64, x64, ref64)
-    counts, _ = op_counts(model32, x32)
+    counts, _, functional = op_counts(model32, x32)
     result.bn_before, result.conv_before = counts["batchnorm"], counts["conv"]
-    result.bn_unfoldable_before = sum(1 for _, why in batchnorm_sites(model32, x32) if not why)
+    result.bn_unfoldable_before = sum(
+        1 for _, why in batchnorm_sites(model32, x32, functional) if not why)
 
     deploy32 = fused32 = None
     try:
         deploy32, result.deploy = deploy_form(spec, model32)
-        counts, _ = op_counts(deploy32, x32)
+        counts, _, _ = op_counts(deploy32, x32)
         result.bn_deploy, result.conv_deploy = counts["batchnorm"], counts["conv"]
         result.deploy_outputs = matching_outputs(outputs(model32, x32, floating=False),
                                                  outputs(deploy32, x32, floating=False))
@@ -573,12 +570,12 @@ def evaluate(spec: Spec, *, blocks: bool = True, keep: dict | None = None) -> Ev
         stage = "run fused float32"
         result.error32 = rel_error(ref64, outputs(fused32, x32))
         stage = "count ops of fused float32"
-        counts, result.bn_left = op_counts(fused32, x32)
+        counts, result.bn_left, functional = op_counts(fused32, x32)
         result.bn_after, result.conv_after = counts["batchnorm"], counts["conv"]
         if counts["batchnorm:functional"]:
             result.bn_left.append(f"F.batch_norm x{counts['batchnorm:functional']}")
-        result.bn_foldable = [f"{path}: {why}" for path, why in batchnorm_sites(fused32, x32)
-                              if why]
+        result.bn_foldable = [f"{path}: {why}" for path, why
+                              in batchnorm_sites(fused32, x32, functional) if why]
     except Exception as exc:
         result.failure = f"{stage}: {first_line(exc)}"
         result.failure_at = where(exc)
@@ -588,7 +585,7 @@ def evaluate(spec: Spec, *, blocks: bool = True, keep: dict | None = None) -> Ev
         try:  # repfuse asked for only the outputs the deploy form still computes
             subset = OutputSubset(model32, result.deploy_outputs)
             fused_subset = fuse_quietly(subset, x32)
-            counts, _ = op_counts(fused_subset, x32)
+            counts, _, _ = op_counts(fused_subset, x32)
             result.conv_after_same_outputs = counts["conv"]
             if keep is not None:
                 keep["fused_same_outputs"] = fused_subset
