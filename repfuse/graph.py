@@ -589,10 +589,13 @@ def reads_rank_only(user: Node, node: Node) -> bool:
 
 # Python functions on plain values (shapes, sizes, flags) that a traced graph records when code
 # computes with metadata: ``x.size(2) // 2``, ``math.sqrt(c)``, ``x.ndim == 4``.
-_NOT_PURE = {operator.setitem, operator.delitem, operator.concat}
+# In-place operators (``iadd``, ``iconcat``, ...) may mutate a list argument.
+_NOT_PURE = {operator.setitem, operator.delitem, operator.concat} | {
+    f for name, f in vars(operator).items()
+    if name.startswith("i") and {name[1:], f"{name[1:]}_"} & vars(operator).keys()}
 SCALAR_FUNCTIONS = frozenset(
     f for f in (*vars(operator).values(), *vars(math).values())
-    if callable(f) and f not in _NOT_PURE and not getattr(f, "__name__", "").startswith("i")
+    if callable(f) and f not in _NOT_PURE
 ) | {int, float, bool, len, min, max, abs, round}
 
 
