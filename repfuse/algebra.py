@@ -553,8 +553,6 @@ def composed_weight_shape(first: Kernel, second: Kernel) -> tuple[int, ...]:
     return (second.out_channels, first.in_channels // groups, *sizes)
 
 
-
-
 def ntuple(value: int | float | tuple | list, n: int) -> tuple[int, ...]:
     """A per-axis setting as ``n`` ints: a scalar repeated, a sequence of ``n`` kept (a
     one-element sequence repeated, as PyTorch's layers accept)."""

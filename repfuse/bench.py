@@ -255,7 +255,6 @@ def float64_outputs(reference64: nn.Module, inputs: tuple[Tensor, ...]) -> list[
     return output_tensors(reference64, as64, "original in float64")
 
 
-
 # --- the whole benchmark ----------------------------------------------------------------------
 
 

@@ -78,7 +78,6 @@ from repfuse.passes.base import Decline, Pass, Rewrite, Rewriter
 # --- the sum and concat merge pass -----------------------------------------------------------
 
 
-
 @dataclass(frozen=True)
 class MergeBranches(Pass):
     """Merge linear branches on one input that are summed or concatenated into one conv.

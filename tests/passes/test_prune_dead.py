@@ -241,7 +241,6 @@ def test_dead_rows_of_an_exported_addmm_leave_it() -> None:
             assert rel_err(expected, actual) <= F64_RTOL
 
 
-
 # --- dependency groups ----------------------------------------------------------------------
 
 
