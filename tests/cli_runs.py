@@ -21,3 +21,13 @@ def cli(*args: object) -> Result:
 def console_script(*args: object, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(REPFUSE), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+SCREENSHOT = Path(__file__).parents[1] / "scripts" / "screenshot-report"
+
+
+def screenshot(page: Path, png: Path, *options: object) -> subprocess.CompletedProcess:
+    """``scripts/screenshot-report PAGE PNG [options]``: exit 0 when the page fits the printed
+    width, 1 when something sticks out, 2 without Chromium."""
+    return subprocess.run([sys.executable, str(SCREENSHOT), str(page), str(png),
+                           *map(str, options)], capture_output=True, text=True, timeout=600)

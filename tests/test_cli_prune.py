@@ -16,8 +16,6 @@ import copy
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +23,13 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from cli_runs import cli, console_script
+from cli_runs import cli, console_script, screenshot
 from click.testing import Result
 from conftest import random_input, reference64
 from torch import nn
 
 from repfuse.models import create_model, randomize_bn_stats
 
-SCREENSHOT = Path(__file__).parents[1] / "scripts" / "screenshot-report"
 THRESHOLD = 1e-2
 NEARLY_DEAD = {"1": [2, 5, 11], "4": [7]}  # BN index in the Sequential -> channels
 # "EQUIVALENT" as a verdict, alone or in "NOT EQUIVALENT": an approximation is neither
@@ -271,7 +268,5 @@ def test_onnx_output_keeps_pruned_widths_a_multiple_of_eight(tmp_path):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium binary on PATH")
 def test_approximate_page_fits_the_printed_width(pruned, tmp_path):
     _, _, out = pruned
-    done = subprocess.run([sys.executable, str(SCREENSHOT), str(out / "r.html"),
-                           str(tmp_path / "r.png")], capture_output=True, text=True,
-                          timeout=600)
+    done = screenshot(out / "r.html", tmp_path / "r.png")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -12,14 +12,12 @@ import json
 import math
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from cli_runs import cli, console_script
+from cli_runs import cli, console_script, screenshot
 from click.testing import Result
 from conftest import random_input, reference64
 from int8_reference import int8_weight, sqnr_db
@@ -30,7 +28,6 @@ from repfuse.models import create_model
 
 MODEL = "repvgg_tiny"
 SHAPE = (1, 3, 32, 32)
-SCREENSHOT = Path(__file__).parents[1] / "scripts" / "screenshot-report"
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +184,5 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium binary on PATH")
 def test_quant_report_page_fits_the_printed_width(quant_run, tmp_path):
     _, _, folder = quant_run
-    done = subprocess.run([sys.executable, str(SCREENSHOT), str(folder / "q.html"),
-                           str(tmp_path / "q.png")], capture_output=True, text=True,
-                          timeout=600)
+    done = screenshot(folder / "q.html", tmp_path / "q.png")
     assert done.returncode == 0, done.stdout + done.stderr  # 1: something sticks out

@@ -14,12 +14,11 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import screenshot
 from conftest import random_input
 from rich.console import Console
 
@@ -236,7 +235,6 @@ def test_write_report_by_extension(tmp_path, failing):
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
-SCREENSHOT = Path(__file__).parents[2] / "scripts" / "screenshot-report"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH")
@@ -245,8 +243,7 @@ def test_html_renders_in_headless_chromium_at_print_width(tmp_path, failing):
     styles, a PNG of the whole page and a PDF; nothing may stick out sideways."""
     page = write_report(tmp_path / "report.html", failing)
     shot, pdf = tmp_path / "shot.png", tmp_path / "report.pdf"
-    done = subprocess.run([sys.executable, str(SCREENSHOT), str(page), str(shot), "--pdf",
-                           str(pdf)], capture_output=True, text=True, timeout=600)
+    done = screenshot(page, shot, "--pdf", pdf)
     assert done.returncode == 0, done.stdout + done.stderr  # 1: something overflows
     width, scroll, height = map(int, re.findall(r"\d+", done.stdout))
     assert width == 718 and scroll <= width and height > 1000
@@ -268,6 +265,5 @@ def test_the_screenshot_script_finds_a_page_that_is_too_wide(tmp_path):
         pytest.skip("no chromium binary on PATH")
     page = tmp_path / "wide.html"
     page.write_text("<html><body><table><tr><td>" + "x" * 400 + "</td></tr></table></body></html>")
-    done = subprocess.run([sys.executable, str(SCREENSHOT), str(page), str(tmp_path / "w.png")],
-                          capture_output=True, text=True, timeout=600)
+    done = screenshot(page, tmp_path / "w.png")
     assert done.returncode == 1, done.stdout + done.stderr
